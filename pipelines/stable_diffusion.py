@@ -1,0 +1,130 @@
+"""Stable Diffusion 1.x / 2.x: adapter and the drop-in ``SteeredStableDiffusionPipeline``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+from steerkit.guidance import ClassifierFreeGuidance, Guidance
+
+from .base import Adapter, Conditioning, Prepared, SteeredMixin
+
+
+def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
+    """Number of prompts in a stock call (a string, a list, or precomputed embeddings)."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
+
+
+def group_prompts(prompt: Any, batch_size: int, images_per_prompt: int) -> list[Any]:
+    """One prompt per group of particles, in the stock row order (prompt-major)."""
+    prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt or [None] * batch_size)
+    return [p for p in prompts for _ in range(images_per_prompt)]
+
+
+def vae_decode_unit(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Decode SD-style VAE latents to images in [0, 1] (float32), for rewards."""
+    vae = pipe.vae
+    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        z = z + vae.config.shift_factor
+    image = vae.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+class StableDiffusionAdapter(Adapter):
+    """SD 1.x/2.x: one batched ``[uncond; cond]`` UNet call, ε or v prediction, VAE latents."""
+
+    pipeline_class = StableDiffusionPipeline
+    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
+
+    def default_guidance(self, call: dict[str, Any]) -> Guidance:
+        # LCM-distilled UNets take the scale as an embedding and the stock pipeline runs no CFG.
+        if self.pipe.unet.config.time_cond_proj_dim is not None:
+            return ClassifierFreeGuidance(1.0)
+        return ClassifierFreeGuidance(call["guidance_scale"], call["guidance_rescale"])
+
+    def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
+        pipe = self.pipe
+        height = call["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        width = call["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            call["prompt"], height, width, None, call["negative_prompt"], call["prompt_embeds"],
+            call["negative_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+        )
+        batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
+        rows_per_prompt = call["num_images_per_prompt"] * num_particles
+        device = pipe._execution_device
+        cross_attention_kwargs = call["cross_attention_kwargs"]
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            call["prompt"], device, rows_per_prompt, guidance.needs_uncond, call["negative_prompt"],
+            prompt_embeds=call["prompt_embeds"], negative_prompt_embeds=call["negative_prompt_embeds"],
+            lora_scale=lora_scale, clip_skip=call["clip_skip"],
+        )
+        scheduler = self.fresh_scheduler()
+        timesteps, _ = retrieve_timesteps(scheduler, call["num_inference_steps"], device, call["timesteps"], call["sigmas"])
+        latents = pipe.prepare_latents(
+            batch_size * rows_per_prompt, pipe.unet.config.in_channels, height, width,
+            prompt_embeds.dtype, device, call["generator"], call["latents"],
+        )
+        cond = {"encoder_hidden_states": prompt_embeds}
+        uncond = {"encoder_hidden_states": negative_embeds} if guidance.needs_uncond else None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(call["guidance_scale"] - 1).repeat(batch_size * rows_per_prompt)
+            cond["timestep_cond"] = pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        return Prepared(
+            conditioning=Conditioning(cond, uncond, static={"cross_attention_kwargs": cross_attention_kwargs}),
+            latents=latents,
+            scheduler=scheduler,
+            timesteps=timesteps,
+            step_kwargs=pipe.prepare_extra_step_kwargs(call["generator"], call["eta"]),
+            prompts=group_prompts(call["prompt"], batch_size, call["num_images_per_prompt"]),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        return self.pipe.unet(
+            x,
+            t,
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep_cond=inputs.get("timestep_cond"),
+            cross_attention_kwargs=inputs.get("cross_attention_kwargs"),
+            added_cond_kwargs=self.added_cond_kwargs(inputs),
+            return_dict=False,
+        )[0]
+
+    def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return vae_decode_unit(self.pipe, x0)
+
+    def finish(self, latents: torch.Tensor, call: dict[str, Any]):
+        pipe = self.pipe
+        output_type = call["output_type"]
+        if output_type != "latent":
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=call["generator"])[0]
+            image, has_nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)
+        else:
+            image, has_nsfw = latents, None
+        denormalize = [True] * image.shape[0] if has_nsfw is None else [not flagged for flagged in has_nsfw]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        pipe.maybe_free_model_hooks()
+        if not call["return_dict"]:
+            return (image, has_nsfw)
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)
+
+
+class SteeredStableDiffusionPipeline(SteeredMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` whose call also takes steering arguments (see :class:`SteeredMixin`)."""
+
+    adapter_class = StableDiffusionAdapter

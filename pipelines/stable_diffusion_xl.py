@@ -1,0 +1,147 @@
+"""Stable Diffusion XL: adapter and the drop-in ``SteeredStableDiffusionXLPipeline``.
+
+One deliberate difference from stock: with several prompts *and* ``negative_original_size`` (etc.)
+set, the stock pipeline interleaves the negative/positive time ids across rows (a diffusers quirk),
+so some conditional rows see the negative ids. Here conditional rows always get the positive ids
+and unconditional rows the negative ones. With the default (equal) ids both agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+from steerkit.guidance import Guidance
+
+from .base import Conditioning, Prepared, SteeredMixin
+from .stable_diffusion import StableDiffusionAdapter, group_prompts, prompt_batch_size
+
+
+class StableDiffusionXLAdapter(StableDiffusionAdapter):
+    """SDXL: SD plus pooled text embeddings and size/crop time ids as added conditions."""
+
+    pipeline_class = StableDiffusionXLPipeline
+
+    def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
+        pipe = self.pipe
+        height = call["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+        width = call["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        original_size = call["original_size"] or (height, width)
+        target_size = call["target_size"] or (height, width)
+        pipe.check_inputs(
+            call["prompt"], call["prompt_2"], height, width, None, call["negative_prompt"], call["negative_prompt_2"],
+            call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
+            call["negative_pooled_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+        )
+        batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
+        rows_per_prompt = call["num_images_per_prompt"] * num_particles
+        rows = batch_size * rows_per_prompt
+        device = pipe._execution_device
+        cross_attention_kwargs = call["cross_attention_kwargs"]
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=call["prompt"], prompt_2=call["prompt_2"], device=device, num_images_per_prompt=rows_per_prompt,
+            do_classifier_free_guidance=guidance.needs_uncond, negative_prompt=call["negative_prompt"],
+            negative_prompt_2=call["negative_prompt_2"], prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"], pooled_prompt_embeds=call["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=call["negative_pooled_prompt_embeds"], lora_scale=lora_scale,
+            clip_skip=call["clip_skip"],
+        )
+        scheduler = self.fresh_scheduler()
+        timesteps, num_steps = retrieve_timesteps(scheduler, call["num_inference_steps"], device, call["timesteps"], call["sigmas"])
+        latents = pipe.prepare_latents(
+            rows, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device, call["generator"], call["latents"]
+        )
+        projection_dim = (
+            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        )
+        time_ids = pipe._get_add_time_ids(
+            original_size, call["crops_coords_top_left"], target_size, dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        negative_time_ids = time_ids
+        if call["negative_original_size"] is not None and call["negative_target_size"] is not None:
+            negative_time_ids = pipe._get_add_time_ids(
+                call["negative_original_size"], call["negative_crops_coords_top_left"], call["negative_target_size"],
+                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
+            )
+        denoising_end = call["denoising_end"]
+        if isinstance(denoising_end, float) and 0 < denoising_end < 1:
+            cutoff = int(round(scheduler.config.num_train_timesteps * (1 - denoising_end)))
+            timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        cond = {
+            "encoder_hidden_states": prompt_embeds.to(device),
+            "text_embeds": pooled.to(device),
+            "time_ids": time_ids.to(device).repeat(rows, 1),
+        }
+        uncond = None
+        if guidance.needs_uncond:
+            uncond = {
+                "encoder_hidden_states": negative_embeds.to(device),
+                "text_embeds": negative_pooled.to(device),
+                "time_ids": negative_time_ids.to(device).repeat(rows, 1),
+            }
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(call["guidance_scale"] - 1).repeat(rows)
+            cond["timestep_cond"] = pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        return Prepared(
+            conditioning=Conditioning(cond, uncond, static={"cross_attention_kwargs": cross_attention_kwargs}),
+            latents=latents,
+            scheduler=scheduler,
+            timesteps=timesteps,
+            step_kwargs=pipe.prepare_extra_step_kwargs(call["generator"], call["eta"]),
+            prompts=group_prompts(call["prompt"], batch_size, call["num_images_per_prompt"]),
+        )
+
+    def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return (self._vae_decode(x0).float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            self.pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        return image
+
+    def finish(self, latents: torch.Tensor, call: dict[str, Any]):
+        pipe = self.pipe
+        output_type = call["output_type"]
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self._vae_decode(latents)
+            if pipe.watermark is not None:
+                image = pipe.watermark.apply_watermark(image)
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        if not call["return_dict"]:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
+
+
+class SteeredStableDiffusionXLPipeline(SteeredMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` whose call also takes steering arguments (see :class:`SteeredMixin`)."""
+
+    adapter_class = StableDiffusionXLAdapter

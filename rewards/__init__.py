@@ -1,0 +1,1 @@
+"""Rewards and potentials (installed as ``steerkit.rewards``)."""

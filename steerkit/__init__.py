@@ -1,0 +1,37 @@
+"""steerkit: inference-time steering and guidance for diffusers pipelines.
+
+>>> import steerkit
+>>> pipe = steerkit.steer(stock_pipeline)              # doctest: +SKIP
+>>> out = pipe("a cat", num_particles=4, hooks=[...])  # doctest: +SKIP
+>>> out.steering.nfe                                   # doctest: +SKIP
+"""
+
+from .diagnostics import RunTrace, StepInfo
+from .guidance import ClassifierFreeGuidance, Guidance, StepContext
+from .loop import denoise
+from .protocols import Conditioning, RunContext, SteeringHook
+from .state import ParticleState
+
+__version__ = "0.1.0"
+
+
+def steer(pipe):
+    """The steered version of a stock diffusers pipeline instance (modules shared, not copied)."""
+    from steerkit.pipelines import steer as _steer
+
+    return _steer(pipe)
+
+
+__all__ = [
+    "ClassifierFreeGuidance",
+    "Conditioning",
+    "Guidance",
+    "ParticleState",
+    "RunContext",
+    "RunTrace",
+    "StepContext",
+    "StepInfo",
+    "SteeringHook",
+    "denoise",
+    "steer",
+]

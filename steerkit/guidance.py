@@ -1,0 +1,91 @@
+"""Guidance: which model branches a step needs, and how their predictions combine.
+
+The loop asks a :class:`Guidance` at every step for a scale (:meth:`Guidance.scale`) and runs
+only the branches that scale needs: ``None`` means "conditional branch only" and the loop runs
+``B`` rows instead of ``2B`` (a real saving, not a computed-and-discarded pass). Then it calls
+:meth:`Guidance.combine` on the branch predictions.
+
+Scale convention (diffusers'): ``guided = uncond + s · (cond − uncond)``; ``s = 1`` is the
+conditional prediction alone. Stock pipelines switch CFG on only for ``s > 1``;
+:class:`ClassifierFreeGuidance` does the same, so steering-off runs match them bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where the loop is: step ``step`` of ``num_steps``, at ``timestep`` with noise level ``sigma``."""
+
+    step: int
+    num_steps: int
+    timestep: torch.Tensor
+    sigma: float | None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the trajectory done before this step: 0 at the first step, → 1 at the end."""
+        return self.step / max(self.num_steps, 1)
+
+
+Scale = float | torch.Tensor | None
+
+
+class Guidance:
+    """Base class: override :meth:`scale`; :meth:`combine` is CFG's linear rule."""
+
+    #: Whether the unconditional (negative) branch may be needed at all; when False the adapter
+    #: does not even encode negative prompts.
+    needs_uncond: bool = True
+
+    def scale(self, ctx: StepContext) -> Scale:
+        raise NotImplementedError
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """``uncond + scale · (cond − uncond)``, with ``scale`` a float or one value per row."""
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(device=cond.device, dtype=cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+        return uncond + scale * (cond - uncond)
+
+
+class ClassifierFreeGuidance(Guidance):
+    """Constant classifier-free guidance, exactly as the stock pipelines apply it.
+
+    Args:
+        guidance_scale: diffusers convention; guidance is on only when ``> 1``.
+        guidance_rescale: φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed"
+            (diffusers' ``rescale_noise_cfg``), 0 = off.
+    """
+
+    def __init__(self, guidance_scale: float, guidance_rescale: float = 0.0):
+        check_scale(guidance_scale, "guidance_scale")
+        if not (math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0):
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
+        self.needs_uncond = self.guidance_scale > 1.0
+
+    def scale(self, ctx: StepContext) -> Scale:
+        return self.guidance_scale if self.guidance_scale > 1.0 else None
+
+    def combine(self, cond, uncond, scale, ctx):
+        guided = super().combine(cond, uncond, scale, ctx)
+        if self.guidance_rescale > 0.0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.guidance_rescale)
+        return guided
+
+    def __repr__(self) -> str:
+        return f"ClassifierFreeGuidance(guidance_scale={self.guidance_scale}, guidance_rescale={self.guidance_rescale})"
+
+
+def check_scale(value: float, name: str) -> None:
+    """Reject negative or non-finite guidance scales with an error that names the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")

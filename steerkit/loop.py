@@ -1,0 +1,174 @@
+"""The denoising loop. One loop, in one place, for every family and every method.
+
+Per step:
+
+1. Ask the guidance for this step's scale; it decides which branches run (``None`` → cond only).
+2. Run exactly those rows through the model, in the stock pipeline's branch layout, chunked by
+   ``max_batch``, counting one NFE per row per branch.
+3. Combine the branch predictions; compute x̂0 if a hook wants it.
+4. Let each hook look at the state; a hook may return ancestors, and then latents, the guided
+   prediction, conditioning rows, stored statistics and the scheduler's solver history are all
+   re-indexed together (before ``scheduler.step``, so the step continues the chosen particles).
+5. ``scheduler.step``.
+
+With one particle, constant CFG and no hooks this performs the same tensor operations, in the same
+order and batch layout, as the stock diffusers loops, so the output is bit-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .diagnostics import RunTrace, StepInfo
+from .guidance import Guidance, StepContext
+from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook
+from .schedulers import noise_level, predict_x0, reindex_scheduler_state
+from .state import ParticleState
+
+StepCallback = Callable[[int, torch.Tensor, ParticleState], ParticleState | None]
+
+
+def run_model(
+    adapter: DenoiserAdapter,
+    scheduler: Any,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    conditioning: Conditioning,
+    branches: Sequence[str],
+    max_batch: int | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Predictions of ``branches`` for all rows of ``latents``; returns ``({branch: pred}, model_calls)``.
+
+    Branches are stacked in ``adapter.branch_order`` and sent in one call when the adapter batches
+    branches (as stock SD/SDXL/SD3 do), else one call per branch (as stock Flux true-CFG does).
+    ``max_batch`` caps the rows of any one call.
+    """
+    order = [name for name in adapter.branch_order if name in branches]
+    groups = [order] if adapter.batch_branches else [[name] for name in order]
+    predictions: dict[str, torch.Tensor] = {}
+    calls = 0
+    for group in groups:
+        x = torch.cat([latents] * len(group)) if len(group) > 1 else latents
+        if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
+            x = scheduler.scale_model_input(x, timestep)
+        inputs = _stack_inputs([conditioning.branch(name) for name in group])
+        outputs = []
+        for start, stop in _chunks(x.shape[0], max_batch):
+            rows = x if (start, stop) == (0, x.shape[0]) else x[start:stop]
+            chunk_inputs = inputs if rows is x else {k: v[start:stop] for k, v in inputs.items()}
+            outputs.append(adapter.forward(rows, timestep, {**chunk_inputs, **conditioning.static}))
+            calls += 1
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        for name, pred in zip(group, out.chunk(len(group)) if len(group) > 1 else (out,)):
+            predictions[name] = pred
+    return predictions, calls
+
+
+def _stack_inputs(per_branch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(per_branch) == 1:
+        return per_branch[0]
+    return {key: torch.cat([inputs[key] for inputs in per_branch]) for key in per_branch[0]}
+
+
+def _chunks(rows: int, max_batch: int | None):
+    if max_batch is None or rows <= max_batch:
+        yield 0, rows
+        return
+    for start in range(0, rows, max_batch):
+        yield start, min(start + max_batch, rows)
+
+
+def denoise(
+    adapter: DenoiserAdapter,
+    conditioning: Conditioning,
+    state: ParticleState,
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    guidance: Guidance,
+    hooks: Sequence[SteeringHook] = (),
+    step_kwargs: dict[str, Any] | None = None,
+    max_batch: int | None = None,
+    run: RunContext | None = None,
+    callback: StepCallback | None = None,
+    progress_bar: Any = None,
+) -> tuple[ParticleState, RunTrace]:
+    """Run the reverse process from ``state.latents`` over ``timesteps``.
+
+    Args:
+        adapter: the model family (see :class:`~steerkit.protocols.DenoiserAdapter`).
+        conditioning: per-row model inputs for each branch.
+        state: initial particles; ``latents`` already scaled by ``init_noise_sigma`` as the stock
+            ``prepare_latents`` does.
+        scheduler: a scheduler whose ``set_timesteps`` has been called; it is stepped in place,
+            so pass a copy, never the pipeline's own instance.
+        timesteps: the scheduler's timesteps to visit.
+        guidance: per-step scale and combination rule.
+        hooks: steering methods, called in order each step.
+        step_kwargs: extra ``scheduler.step`` arguments (``eta``, ``generator``) as the stock
+            pipeline passes them.
+        max_batch: most rows per model call (``None``: all rows of a step in one call).
+        run: what hooks are told at the start.
+        callback: ``callback(i, t, state)`` after each step; may return a replacement state.
+        progress_bar: a tqdm-like object to ``update()`` once per step.
+
+    Returns:
+        The final state (``latents`` are the clean samples) and the run's :class:`RunTrace`.
+    """
+    step_kwargs = step_kwargs or {}
+    trace = RunTrace(num_prompts=state.num_prompts, num_particles=state.num_particles)
+    needs_x0 = any(hook.needs_x0 for hook in hooks)
+    if run is not None:
+        for hook in hooks:
+            hook.start(run, state)
+    started = time.perf_counter()
+    num_steps = len(timesteps)
+    for i, t in enumerate(timesteps):
+        ctx = StepContext(step=i, num_steps=num_steps, timestep=t, sigma=noise_level(scheduler, t))
+        # Ask the guidance which branches this step needs, then run only those rows.
+        scale = guidance.scale(ctx)
+        use_uncond = scale is not None and conditioning.uncond is not None
+        branches = ("cond", "uncond") if use_uncond else ("cond",)
+        predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch)
+        if use_uncond:
+            model_output = guidance.combine(predictions["cond"], predictions["uncond"], scale, ctx)
+        else:
+            model_output = predictions["cond"]
+        rows = state.batch_size
+        info = StepInfo(
+            step=i,
+            timestep=float(t),
+            sigma=ctx.sigma,
+            nfe={name: rows for name in branches},
+            model_calls=calls,
+            guidance_scale=(scale.tolist() if isinstance(scale, torch.Tensor) else scale) if use_uncond else None,
+        )
+        if needs_x0:
+            state.x0_hat = predict_x0(scheduler, model_output, state.latents, t)
+        # Steering may re-weight and re-index every per-particle field together.
+        for hook in hooks:
+            ancestors = hook.on_step(ctx, state, info)
+            if ancestors is not None:
+                state = state.reindex(ancestors, step=i)
+                index = state.ancestry[-1][1].to(model_output.device)
+                model_output = model_output.index_select(0, index)
+                conditioning = conditioning.select(index, rows)
+                reindex_scheduler_state(scheduler, index, rows)
+                info.ancestors = index.tolist()
+        state.latents = scheduler.step(model_output, t, state.latents, **step_kwargs, return_dict=False)[0]
+        trace.steps.append(info)
+        if callback is not None:
+            replaced = callback(i, t, state)
+            if replaced is not None:
+                state = replaced
+        if progress_bar is not None:
+            progress_bar.update()
+    final_info: dict[str, Any] = {}
+    for hook in hooks:
+        hook.finish(state, final_info)
+    trace.extras.update(final_info)
+    trace.timings["denoise_s"] = time.perf_counter() - started
+    return state, trace

@@ -1,0 +1,114 @@
+"""The pieces the denoising loop talks to, and nothing else.
+
+Read this file, then ``loop.py``, then any method: the loop knows only these interfaces.
+
+- :class:`Conditioning`: the per-row model inputs of each branch (``cond``, ``uncond``), plus
+  inputs shared by all rows. Family adapters build it; the loop concatenates branches and selects
+  rows from it.
+- :class:`DenoiserAdapter`: a model family's forward call and its stock branch layout.
+- :class:`SteeringHook`: a method that looks at every step (x̂0, weights) and may re-index
+  particles; FK steering and best-of-N are hooks.
+- :class:`~steerkit.guidance.Guidance` (in ``guidance.py``): the per-step scale and combination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from .schedulers import reindex_rows
+
+if TYPE_CHECKING:
+    from .diagnostics import StepInfo
+    from .guidance import StepContext
+    from .state import ParticleState
+
+
+@dataclass
+class Conditioning:
+    """Model inputs per branch. Every tensor in ``cond``/``uncond`` has one row per particle.
+
+    Attributes:
+        cond: inputs of the conditional branch, e.g. ``{"encoder_hidden_states": [B, L, D]}``.
+        uncond: inputs of the unconditional (negative) branch, same keys, or ``None``.
+        static: inputs shared by all rows (``txt_ids``, image ids, ...).
+    """
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None = None
+    static: dict[str, Any] = field(default_factory=dict)
+
+    def branch(self, name: str) -> dict[str, torch.Tensor]:
+        inputs = self.cond if name == "cond" else self.uncond
+        if inputs is None:
+            raise ValueError(f"branch {name!r} was not prepared (the negative prompt was not encoded)")
+        return inputs
+
+    def select(self, index: torch.Tensor, batch_size: int) -> Conditioning:
+        """Rows ``index`` of every per-row input (used when particles are resampled)."""
+        return Conditioning(
+            cond=reindex_rows(self.cond, index, batch_size),
+            uncond=None if self.uncond is None else reindex_rows(self.uncond, index, batch_size),
+            static=self.static,
+        )
+
+
+class DenoiserAdapter(Protocol):
+    """What the loop needs from a model family.
+
+    Attributes:
+        branch_order: branch names in the order the stock pipeline stacks them, e.g.
+            ``("uncond", "cond")`` for SD, ``("cond", "uncond")`` for DiT.
+        batch_branches: whether the stock pipeline runs branches in one batched call (SD, SDXL, SD3)
+            or one call per branch (Flux true CFG). Matching it keeps steering-off runs bit-exact.
+    """
+
+    branch_order: tuple[str, ...]
+    batch_branches: bool
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's prediction for rows ``x`` (already scaled by the scheduler) at timestep ``t``."""
+        ...
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], ``[B, C, H, W]``, from x̂0 latents (for rewards)."""
+        ...
+
+
+@dataclass
+class RunContext:
+    """What hooks learn once, at the start of a run."""
+
+    adapter: Any
+    num_prompts: int
+    num_particles: int
+    prompts: list[Any]
+    num_steps: int
+    device: torch.device
+
+
+class SteeringHook:
+    """A method that watches the trajectory and may resample particles. All methods are optional.
+
+    The loop calls :meth:`start` once, :meth:`on_step` after the guided prediction of every step
+    (with ``state.x0_hat`` filled when :attr:`needs_x0` is true), :meth:`finish` after the last step,
+    and finally :meth:`select` to choose which rows to return.
+    """
+
+    needs_x0: bool = True
+
+    def start(self, run: RunContext, state: ParticleState) -> None:
+        pass
+
+    def on_step(self, ctx: StepContext, state: ParticleState, info: StepInfo) -> torch.Tensor | None:
+        """Return ``[P*K]`` ancestor indices to resample, or ``None``."""
+        return None
+
+    def finish(self, state: ParticleState, info: dict[str, Any]) -> None:
+        pass
+
+    def select(self, state: ParticleState) -> torch.Tensor | None:
+        """Rows to return (e.g. the best particle per prompt), or ``None`` for all rows."""
+        return None

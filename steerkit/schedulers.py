@@ -1,0 +1,234 @@
+"""The one place that reads diffusers schedulers' internals.
+
+Three questions the loop asks of any scheduler, answered here by scheduler family:
+
+- :func:`predict_x0`: the predicted clean sample x̂0 from the (guided) model output. Most stock
+  ``step()`` methods compute it and throw it away (DPM-Solver, UniPC, FlowMatchEuler return only the
+  previous sample), so we compute it ourselves, with the scheduler's own σ at the current index and
+  the same operation order, so it equals the scheduler's own x̂0 where one is exposed.
+- :func:`noise_level`: σ of the latents entering the step, on the scheduler's native scale
+  (flow σ ∈ [0, 1] for flow-matching schedulers, the variance-exploding σ = √((1-ᾱ)/ᾱ) otherwise).
+  Guidance intervals are defined on it, not on the step index.
+- :func:`reindex_scheduler_state`: resampling particles must also resample the solver's per-sample
+  history (DPM-Solver++ ``model_outputs``, UniPC ``last_sample``, Heun's first-half sample, ...).
+  Without it multistep and second-order solvers continue from another particle's history.
+
+Everything here is tested against the installed diffusers in ``tests/test_schedulers.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"}
+# Karras-style schedulers: latents x = x0 + σ·ε, the model sees x / √(σ²+1).
+SIGMA_SCHEDULERS = {
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+}
+# Solvers that keep σ but work with the variance-preserving latents x = α·x0 + σ_t·ε.
+VP_SIGMA_SCHEDULERS = {
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "SASolverScheduler",
+}
+# Schedulers indexed by the integer training timestep through ``alphas_cumprod``.
+ALPHA_BAR_SCHEDULERS = {"DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler"}
+
+# Per-sample state each scheduler keeps between steps. ``tests/test_schedulers.py`` checks this
+# table against a generic search of the scheduler's attributes after a few steps, so a diffusers
+# release that adds a buffer fails a test instead of silently mixing particles.
+HISTORY_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "DDIMScheduler": (),
+    "DDPMScheduler": (),
+    "EulerDiscreteScheduler": (),
+    "EulerAncestralDiscreteScheduler": (),
+    "FlowMatchEulerDiscreteScheduler": (),
+    "LMSDiscreteScheduler": ("derivatives",),
+    "PNDMScheduler": ("ets", "cur_sample"),
+    "HeunDiscreteScheduler": ("prev_derivative", "sample"),
+    "KDPM2DiscreteScheduler": ("sample",),
+    "KDPM2AncestralDiscreteScheduler": ("sample",),
+    "DPMSolverMultistepScheduler": ("model_outputs",),
+    "DPMSolverSinglestepScheduler": ("model_outputs", "sample"),
+    "UniPCMultistepScheduler": ("model_outputs", "last_sample"),
+    "DEISMultistepScheduler": ("model_outputs",),
+}
+UNSUPPORTED_FOR_RESAMPLING = {
+    "DPMSolverSDEScheduler": "it keeps a Brownian-tree noise sampler that cannot be re-indexed per particle",
+}
+
+
+def _family_name(scheduler: Any) -> str:
+    """The first diffusers scheduler class in the MRO (subclasses keep their parent's behaviour)."""
+    known = FLOW_SCHEDULERS | SIGMA_SCHEDULERS | VP_SIGMA_SCHEDULERS | ALPHA_BAR_SCHEDULERS
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in known or cls.__name__ in UNSUPPORTED_FOR_RESAMPLING:
+            return cls.__name__
+    return type(scheduler).__name__
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    """True for flow-matching schedulers (velocity models, σ ∈ [0, 1], x = (1-σ)·x0 + σ·ε)."""
+    config = scheduler.config
+    return (
+        _family_name(scheduler) in FLOW_SCHEDULERS
+        or config.get("prediction_type") == "flow_prediction"
+        or bool(config.get("use_flow_sigmas", False))
+    )
+
+
+def current_index(scheduler: Any, timestep: torch.Tensor | float) -> int:
+    """Index of ``timestep`` in the scheduler's σ table, before ``step()`` advances it.
+
+    ``step_index`` is ``None`` until the first ``step()``/``scale_model_input()``; then the
+    ``begin_index`` (set by the pipeline) or a search of the timestep table gives the position.
+    """
+    index = getattr(scheduler, "step_index", None)
+    if index is not None:
+        return int(index)
+    begin = getattr(scheduler, "begin_index", None)
+    if begin is not None:
+        return int(begin)
+    return int(scheduler.index_for_timestep(timestep))
+
+
+def _sigma_at(scheduler: Any, timestep) -> torch.Tensor:
+    sigmas = scheduler.sigmas
+    # KDPM2's second half evaluates the model at an interpolated σ.
+    if hasattr(scheduler, "sigmas_interpol") and not getattr(scheduler, "state_in_first_order", True):
+        sigmas = scheduler.sigmas_interpol
+    return sigmas[current_index(scheduler, timestep)]
+
+
+def noise_level(scheduler: Any, timestep) -> float | None:
+    """σ of the latents entering the step at ``timestep`` (see the module docstring)."""
+    name = _family_name(scheduler)
+    if name in ALPHA_BAR_SCHEDULERS:
+        alpha_bar = scheduler.alphas_cumprod[int(timestep)]
+        return float(((1 - alpha_bar) / alpha_bar) ** 0.5)
+    if hasattr(scheduler, "sigmas"):
+        try:
+            return float(_sigma_at(scheduler, timestep))
+        except (IndexError, ValueError, TypeError):
+            return None
+    return None
+
+
+def predict_x0(scheduler: Any, model_output: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
+    """x̂0 predicted from ``model_output`` at ``timestep``; ``sample`` is the *unscaled* latent given to ``step()``.
+
+    Returns float32 (or the input's wider dtype): rewards and statistics should not see fp16 rounding.
+    """
+    name = _family_name(scheduler)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    x, out = sample.to(dtype), model_output.to(dtype)
+    if prediction_type == "sample":
+        return out
+    if is_flow_scheduler(scheduler) and name not in VP_SIGMA_SCHEDULERS:
+        return velocity_to_x0(out, x, _sigma_at(scheduler, timestep))
+    if name in SIGMA_SCHEDULERS:
+        sigma = _sigma_at(scheduler, timestep)
+        if prediction_type == "epsilon":
+            return x - sigma * out
+        if prediction_type == "v_prediction":
+            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        raise NotImplementedError(f"{name} with prediction_type={prediction_type!r}")
+    if name in VP_SIGMA_SCHEDULERS:
+        sigma = _sigma_at(scheduler, timestep)
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma)
+        if prediction_type == "flow_prediction":
+            return x - sigma_t * out
+    elif name in ALPHA_BAR_SCHEDULERS:
+        alpha_bar = scheduler.alphas_cumprod[int(timestep)].to(x.device)
+        alpha_t, sigma_t = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    else:
+        raise NotImplementedError(
+            f"steerkit cannot compute x̂0 for {type(scheduler).__name__}; supported: "
+            f"{sorted(FLOW_SCHEDULERS | SIGMA_SCHEDULERS | VP_SIGMA_SCHEDULERS | ALPHA_BAR_SCHEDULERS)}"
+        )
+    if prediction_type == "epsilon":
+        return eps_to_x0(out, x, alpha_t, sigma_t)
+    if prediction_type == "v_prediction":
+        return v_to_x0(out, x, alpha_t, sigma_t)
+    raise NotImplementedError(f"{name} with prediction_type={prediction_type!r}")
+
+
+def eps_to_x0(eps: torch.Tensor, x: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """x = α·x0 + σ·ε  ⇒  x0 = (x − σ·ε) / α."""
+    return (x - sigma_t * eps) / alpha_t
+
+
+def v_to_x0(v: torch.Tensor, x: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """v = α·ε − σ·x0 with α² + σ² = 1  ⇒  x0 = α·x − σ·v."""
+    return alpha_t * x - sigma_t * v
+
+
+def velocity_to_x0(v: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+    """x = (1−σ)·x0 + σ·ε and v = ε − x0  ⇒  x0 = x − σ·v."""
+    return x - sigma * v
+
+
+# --- re-indexing per-sample state ---------------------------------------------------------------
+
+
+def reindex_rows(value: Any, index: torch.Tensor, batch_size: int, min_ndim: int = 1) -> Any:
+    """Select rows ``index`` of every tensor with a leading batch dimension inside ``value``.
+
+    Walks lists, tuples and dicts; leaves anything else (floats, ``None``, tensors of other
+    shapes or with fewer than ``min_ndim`` dimensions) untouched. Returns the same object when
+    nothing changed.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim >= min_ndim and value.shape[0] == batch_size:
+            return value.index_select(0, index.to(value.device))
+        return value
+    if isinstance(value, (list, tuple)):
+        new = [reindex_rows(v, index, batch_size, min_ndim) for v in value]
+        if all(a is b for a, b in zip(new, value)):
+            return value
+        return type(value)(new)
+    if isinstance(value, dict):
+        new_dict = {k: reindex_rows(v, index, batch_size, min_ndim) for k, v in value.items()}
+        if all(new_dict[k] is value[k] for k in value):
+            return value
+        return new_dict
+    return value
+
+
+def find_history_attributes(scheduler: Any, batch_size: int) -> set[str]:
+    """Attributes holding per-sample tensors right now (the generic detector used by the tests).
+
+    Per-sample history is latent-shaped (two or more dimensions); 1-D tables such as
+    ``timesteps`` or ``sigmas`` are never per-sample, even when their length equals the batch.
+    """
+    found = set()
+    probe = torch.arange(batch_size).flip(0)
+    for key, value in vars(scheduler).items():
+        if reindex_rows(value, probe, batch_size, min_ndim=2) is not value:
+            found.add(key)
+    return found
+
+
+def reindex_scheduler_state(scheduler: Any, index: torch.Tensor, batch_size: int) -> None:
+    """Re-index the scheduler's per-sample history in place so row ``j`` continues row ``index[j]``."""
+    name = _family_name(scheduler)
+    if name in UNSUPPORTED_FOR_RESAMPLING:
+        raise ValueError(f"particles cannot be resampled with {name}: {UNSUPPORTED_FOR_RESAMPLING[name]}")
+    attributes = HISTORY_ATTRIBUTES.get(name)
+    if attributes is None:  # unknown scheduler: fall back to the generic search
+        attributes = tuple(find_history_attributes(scheduler, batch_size))
+    for key in attributes:
+        value = getattr(scheduler, key, None)
+        new = reindex_rows(value, index, batch_size, min_ndim=2)
+        if new is not value:
+            setattr(scheduler, key, new)
