@@ -115,7 +115,8 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
         class_input = torch.cat([torch.full_like(class_ids, self.null_class_id), class_ids]) if do_cfg else class_ids
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
+                model_input = self.scheduler.scale_model_input(model_input, t)
             model_output = self.unet(model_input, t, class_labels=class_input, return_dict=False)[0]
             if do_cfg:
                 uncond, cond = model_output.chunk(2)
@@ -137,7 +138,8 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
             latents = latents.to(device=device, dtype=self.unet.dtype)
-        return latents * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers start from unit noise and define no init_noise_sigma.
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
 
