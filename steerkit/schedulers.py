@@ -53,7 +53,7 @@ HISTORY_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "EulerAncestralDiscreteScheduler": (),
     "FlowMatchEulerDiscreteScheduler": (),
     "LMSDiscreteScheduler": ("derivatives",),
-    "PNDMScheduler": ("ets", "cur_sample"),
+    "PNDMScheduler": ("ets", "cur_sample", "cur_model_output"),
     "HeunDiscreteScheduler": ("prev_derivative", "sample"),
     "KDPM2DiscreteScheduler": ("sample",),
     "KDPM2AncestralDiscreteScheduler": ("sample",),
@@ -157,10 +157,23 @@ def predict_x0(scheduler: Any, model_output: torch.Tensor, sample: torch.Tensor,
             f"{sorted(FLOW_SCHEDULERS | SIGMA_SCHEDULERS | VP_SIGMA_SCHEDULERS | ALPHA_BAR_SCHEDULERS)}"
         )
     if prediction_type == "epsilon":
-        return eps_to_x0(out, x, alpha_t, sigma_t)
-    if prediction_type == "v_prediction":
-        return v_to_x0(out, x, alpha_t, sigma_t)
-    raise NotImplementedError(f"{name} with prediction_type={prediction_type!r}")
+        x0 = eps_to_x0(out, x, alpha_t, sigma_t)
+    elif prediction_type == "v_prediction":
+        x0 = v_to_x0(out, x, alpha_t, sigma_t)
+    else:
+        raise NotImplementedError(f"{name} with prediction_type={prediction_type!r}")
+    return _clip_as_scheduler_does(scheduler, x0)
+
+
+def _clip_as_scheduler_does(scheduler: Any, x0: torch.Tensor) -> torch.Tensor:
+    """DDIM/DDPM/DPM-Solver clip or threshold x̂0 before using it; report the x̂0 the step uses."""
+    config = scheduler.config
+    if config.get("thresholding", False) and hasattr(scheduler, "_threshold_sample"):
+        return scheduler._threshold_sample(x0)
+    if config.get("clip_sample", False):
+        limit = config.get("clip_sample_range", 1.0)
+        return x0.clamp(-limit, limit)
+    return x0
 
 
 def eps_to_x0(eps: torch.Tensor, x: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
