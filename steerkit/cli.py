@@ -1,0 +1,277 @@
+"""The ``steerkit`` command line: parse, resolve defaults, call the library, write files.
+
+    steerkit generate Sneaker Bag --method fk --particles 4        # bundled fashion-flow model
+    steerkit generate "a red cube" --model path/to/sd --steps 30   # any diffusers pipeline
+
+Errors on bad input are one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS = ("none", "fk", "best-of-n")
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddim-eta1": ("DDIMScheduler", {}),  # η = 1 is passed at call time
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-euler-stochastic": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        raise CliError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="steerkit", description="Inference-time steering for diffusers pipelines.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    gen = commands.add_parser(
+        "generate",
+        help="generate images (offline on the bundled fashion-flow model by default)",
+        description="Generate images with optional steering. Writes one PNG per image and run.json "
+        "(configuration, seeds, versions, diagnostics) to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument("items", nargs="*", metavar="PROMPT_OR_CLASS",
+                     help="text prompts, or class names/ids for a class-conditional model "
+                          "(default: every class of the bundled model)")
+    gen.add_argument("--prompts-file", type=Path, help="one prompt or class per line (added to the positional ones)")
+    gen.add_argument("--model", default="fashion-flow",
+                     help="bundled model (fashion-flow, fashion-ddpm), a local diffusers directory, or a hub id")
+    gen.add_argument("--method", default="none", choices=METHODS, help="steering method")
+    gen.add_argument("--particles", type=_positive_int, default=4, help="particles per image for fk / best-of-n")
+    gen.add_argument("--reward", default=None,
+                     help="reward for fk / best-of-n (default for the bundled models: classifier:fashion)")
+    gen.add_argument("--lmbda", type=_non_negative_float, default=10.0, help="FK temperature λ (tilt exp(λ·reward))")
+    gen.add_argument("--steps", type=_positive_int, default=20, help="denoising steps")
+    gen.add_argument("--guidance", type=_non_negative_float, default=None,
+                     help="classifier-free guidance scale, diffusers convention (1 = off); default: the model's")
+    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                     help="sampler (default: the model's; a stochastic one for fk)")
+    gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
+    gen.add_argument("--seed", type=int, default=0, help="base seed; row r uses seed + r")
+    gen.add_argument("--max-batch", type=_positive_int, default=None, help="most rows per model call")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--out", type=Path, default=Path("steerkit-out"), help="output directory")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+        args.argv = argv
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "generate":
+            generate_command(args)
+        return 0
+    except (CliError, ValueError, TypeError, NotImplementedError, FileNotFoundError, PermissionError) as error:
+        print(f"steerkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steerkit: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+def _read_items(args) -> list[str]:
+    items = list(args.items)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise CliError(f"--prompts-file {str(args.prompts_file)!r} does not exist")
+        items += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    return items
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit] or "image"
+
+
+def _check_output_dir(out: Path, names: list[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise CliError(f"cannot write to --out {str(out)!r}: {error.strerror or error}") from None
+    clashes = [name for name in names if (out / name).exists()]
+    if clashes and not overwrite:
+        raise CliError(f"{out / clashes[0]} already exists ({len(clashes)} output files would be replaced); "
+                       "pass --overwrite or choose another --out")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: no half-written files."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _scheduler_for(pipe, name: str | None, method: str):
+    """The scheduler to use; for resampling methods default to a stochastic one (FK needs it)."""
+    import diffusers
+
+    from steerkit.schedulers import is_flow_scheduler
+
+    flow = is_flow_scheduler(pipe.scheduler)
+    if name is None and method == "fk":
+        name = "flow-euler-stochastic" if flow else "ddpm"
+    if name is None:
+        return pipe.scheduler, None
+    class_name, overrides = SCHEDULERS[name]
+    if flow != class_name.startswith("FlowMatch"):
+        kind = "flow-matching" if flow else "diffusion (ε/v)"
+        raise CliError(f"--scheduler {name} does not fit this {kind} model")
+    return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides), name
+
+
+def _hooks_for(args, is_class_conditional: bool) -> tuple[list[Any], str | None]:
+    if args.method == "none":
+        return [], None
+    reward = args.reward or ("classifier:fashion" if is_class_conditional else None)
+    if reward is None:
+        raise CliError(f"--method {args.method} needs --reward for this model")
+    from steerkit.smc import BestOfN, FKSteering
+
+    if args.method == "fk":
+        return [FKSteering(reward=reward, lmbda=args.lmbda, seed=args.seed)], reward
+    return [BestOfN(reward=reward)], reward
+
+
+def generate_command(args) -> dict[str, Any]:
+    import torch
+
+    import steerkit
+    from steerkit.models import load_pipeline, resolve_model_path
+    from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
+
+    items = _read_items(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device!r} is not a torch device") from None
+    particles = args.particles if args.method != "none" else 1
+    started = time.perf_counter()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # component loading; the sampling progress bar stays
+    pipe = load_pipeline(args.model, device=device)
+    is_class_conditional = isinstance(pipe, ClassConditionalUNetPipeline)
+    if is_class_conditional:
+        id2label = pipe.config.get("id2label") or {}
+        items = items or [id2label.get(str(i), str(i)) for i in range(pipe.num_classes)]
+        pipe.get_label_ids(items)  # unknown class names fail here, before any work
+    elif not items:
+        raise CliError("give at least one prompt (positional or --prompts-file)")
+    hooks, reward = _hooks_for(args, is_class_conditional)
+    scheduler, scheduler_name = _scheduler_for(pipe, args.scheduler, args.method)
+    pipe.scheduler = scheduler
+    labels = [item for item in items for _ in range(args.num_images)]
+    names = [f"{i:03d}-{_slug(label)}.png" for i, label in enumerate(labels)]
+    _check_output_dir(args.out, [*names, "run.json"], args.overwrite)
+
+    rows = len(labels) * particles
+    seeds = [args.seed + r for r in range(rows)]
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
+                                generator=generators, output_type="pil")
+    call["class_labels" if is_class_conditional else "prompt"] = items
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
+    if args.scheduler == "ddim-eta1":
+        call["eta"] = 1.0
+    output = pipe(**call, hooks=hooks, num_particles=particles, max_batch=args.max_batch)
+    trace = output.steering
+    for name, image in zip(names, output.images):
+        _atomic_write(args.out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
+    selected = trace.extras.get("selected_rows") or list(range(0, rows, particles))
+    import diffusers
+
+    record = {
+        "command": ["steerkit", *getattr(args, "argv", [])],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "argv"},
+        "resolved": {
+            "model": args.model,
+            "model_path": resolve_model_path(args.model),
+            "pipeline": type(pipe).__name__,
+            "scheduler": type(scheduler).__name__,
+            "scheduler_config": dict(scheduler.config),
+            "scheduler_choice": scheduler_name,
+            "guidance_scale": args.guidance,
+            "particles": particles,
+            "reward": reward,
+            "device": device,
+            "seeds": seeds,
+        },
+        "images": [
+            {"file": name, "item": label, "row": row, "seed": seeds[row],
+             "particle_seeds": seeds[(row // particles) * particles:(row // particles + 1) * particles]}
+            for name, label, row in zip(names, labels, selected)
+        ],
+        "versions": {"steerkit": steerkit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+        "wall_time_s": time.perf_counter() - started,
+        "diagnostics": trace.to_dict(),
+    }
+    _atomic_write(args.out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
+    nfe = trace.total_nfe
+    print(f"wrote {len(names)} image(s) and run.json to {args.out} — {nfe} NFEs, {record['wall_time_s']:.1f} s")
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(main())
