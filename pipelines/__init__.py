@@ -6,6 +6,7 @@ from .class_conditional import (
     ClassConditionalUNetPipeline,
     SteeredClassConditionalUNetPipeline,
 )
+from .dit import DiTAdapter, SteeredDiTPipeline
 from .flux import FluxAdapter, SteeredFluxPipeline
 from .stable_diffusion import StableDiffusionAdapter, SteeredStableDiffusionPipeline
 from .stable_diffusion_3 import StableDiffusion3Adapter, SteeredStableDiffusion3Pipeline
@@ -15,11 +16,13 @@ __all__ = [
     "Adapter",
     "ClassConditionalUNetAdapter",
     "ClassConditionalUNetPipeline",
+    "DiTAdapter",
     "FluxAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "SteeredClassConditionalUNetPipeline",
+    "SteeredDiTPipeline",
     "SteeredFluxPipeline",
     "SteeredMixin",
     "SteeredStableDiffusion3Pipeline",

@@ -168,6 +168,20 @@ def tiny_flux(scheduler=None, guidance_embeds: bool = False):
     )
 
 
+def tiny_dit(scheduler=None):
+    """A tiny ``DiTPipeline`` (learned σ, 8×8 latents; DDIM by default)."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero", norm_elementwise_affine=False,
+    ).eval()
+    return DiTPipeline(transformer=transformer, vae=_sd_vae(), scheduler=scheduler or DDIMScheduler(),
+                       id2label={"0": "tench, Tinca tinca", "1": "goldfish", "2": "great white shark"})
+
+
 def tiny_class_conditional(scheduler=None, num_classes: int = 3):
     """A tiny ``ClassConditionalUNetPipeline`` (1×16×16 pixel space, DDIM by default)."""
     from diffusers import DDIMScheduler, UNet2DModel

@@ -90,6 +90,14 @@ def test_class_conditional(class_conditional, scheduler):
     assert_same_as_stock(pipe, class_labels=[0, "class2"], num_inference_steps=4, guidance_scale=3.0)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "unipc"])  # stock DiT mishandles σ-schedulers (see dit.py)
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_dit(scheduler, guidance_scale):
+    pipe = _with_scheduler(testing.tiny_dit(), scheduler)
+    out = assert_same_as_stock(pipe, class_labels=[0, 2, 1], num_inference_steps=4, guidance_scale=guidance_scale)
+    assert set(out.steering.nfe) == ({"cond", "uncond"} if guidance_scale > 1 else {"cond"})
+
+
 def test_class_conditional_flow_matching():
     pipe = testing.tiny_class_conditional(scheduler=FlowMatchEulerDiscreteScheduler())
     assert_same_as_stock(pipe, class_labels=[1, 2], num_inference_steps=5, guidance_scale=2.5)
