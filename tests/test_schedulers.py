@@ -28,6 +28,7 @@ from steerkit.schedulers import (
     velocity_to_x0,
 )
 
+
 def _generator_if_accepted(scheduler):
     import inspect
 
