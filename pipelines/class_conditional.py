@@ -17,7 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -102,8 +102,14 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        """Sample ``num_images_per_prompt`` images for each label (rows are label-major)."""
+        """Sample ``num_images_per_prompt`` images for each label (rows are label-major).
+
+        ``callback_on_step_end(pipe, i, t, {"latents": ...})`` runs after every step, as in the stock
+        pipelines; returning ``{"latents": new}`` replaces the latents.
+        """
         ids = self.get_label_ids(class_labels)
         batch = len(ids) * num_images_per_prompt
         device = self._execution_device
@@ -113,7 +119,7 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         class_input = torch.cat([torch.full_like(class_ids, self.null_class_id), class_ids]) if do_cfg else class_ids
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
                 model_input = self.scheduler.scale_model_input(model_input, t)
@@ -122,6 +128,10 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
                 uncond, cond = model_output.chunk(2)
                 model_output = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                names = callback_on_step_end_tensor_inputs or ["latents"]
+                outputs = callback_on_step_end(self, i, t, {name: locals()[name] for name in names}) or {}
+                latents = outputs.pop("latents", latents)
         image = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -38,13 +38,14 @@ def run_model(
     latents: torch.Tensor,
     timestep: torch.Tensor,
     conditioning: Conditioning,
-    branches: Sequence[str],
+    branches: dict[str, torch.Tensor | None],
     max_batch: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Predictions of ``branches`` for all rows of ``latents``; returns ``({branch: pred}, model_calls)``.
+    """Predictions of each branch for its rows; returns ``({branch: pred}, model_calls)``.
 
-    Branches are stacked in ``adapter.branch_order`` and sent in one call when the adapter batches
-    branches (as stock SD/SDXL/SD3 do), else one call per branch (as stock Flux true-CFG does).
+    ``branches`` maps a branch name to the row indices it runs on (``None``: every row). Branches
+    are stacked in ``adapter.branch_order`` and sent in one call when the adapter batches branches
+    (as stock SD/SDXL/SD3 do), else one call per branch (as stock Flux true-CFG does).
     ``max_batch`` caps the rows of any one call.
     """
     order = [name for name in adapter.branch_order if name in branches]
@@ -52,10 +53,14 @@ def run_model(
     predictions: dict[str, torch.Tensor] = {}
     calls = 0
     for group in groups:
-        x = torch.cat([latents] * len(group)) if len(group) > 1 else latents
+        row_sets = [branches[name] for name in group]
+        parts = [latents if rows is None else latents.index_select(0, rows) for rows in row_sets]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
         if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
             x = scheduler.scale_model_input(x, timestep)
-        inputs = _stack_inputs([conditioning.branch(name) for name in group])
+        inputs = _stack_inputs([
+            _select_rows(conditioning.branch(name), rows, latents.shape[0]) for name, rows in zip(group, row_sets)
+        ])
         outputs = []
         for start, stop in _chunks(x.shape[0], max_batch):
             rows = x if (start, stop) == (0, x.shape[0]) else x[start:stop]
@@ -63,9 +68,31 @@ def run_model(
             outputs.append(adapter.forward(rows, timestep, {**chunk_inputs, **conditioning.static}))
             calls += 1
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        for name, pred in zip(group, out.chunk(len(group)) if len(group) > 1 else (out,)):
+        for name, pred in zip(group, out.split([part.shape[0] for part in parts])):
             predictions[name] = pred
     return predictions, calls
+
+
+def _select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | None, batch_size: int) -> dict[str, torch.Tensor]:
+    if rows is None:
+        return inputs
+    return {k: v.index_select(0, rows.to(v.device)) if v.shape[0] == batch_size else v for k, v in inputs.items()}
+
+
+def _rows_needing_uncond(scale: Any, rows: int) -> torch.Tensor | str:
+    """``"all"``, ``"none"``, or the indices of the rows whose scale is not exactly 1."""
+    if scale is None:
+        return "none"
+    if not isinstance(scale, torch.Tensor):
+        return "none" if scale == 1.0 else "all"
+    if scale.shape != (rows,):
+        raise ValueError(f"a per-row guidance scale must have shape ({rows},), got {tuple(scale.shape)}")
+    needed = scale != 1.0
+    if bool(needed.all()):
+        return "all"
+    if not bool(needed.any()):
+        return "none"
+    return needed.nonzero().flatten()
 
 
 def _stack_inputs(per_branch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -127,24 +154,30 @@ def denoise(
     started = time.perf_counter()
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
-        ctx = StepContext(step=i, num_steps=num_steps, timestep=t, sigma=noise_level(scheduler, t))
-        # Ask the guidance which branches this step needs, then run only those rows.
-        scale = guidance.scale(ctx)
-        use_uncond = scale is not None and conditioning.uncond is not None
-        branches = ("cond", "uncond") if use_uncond else ("cond",)
-        predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch)
-        if use_uncond:
-            model_output = guidance.combine(predictions["cond"], predictions["uncond"], scale, ctx)
-        else:
-            model_output = predictions["cond"]
+        ctx = StepContext(step=i, num_steps=num_steps, timestep=t, sigma=noise_level(scheduler, t), state=state)
         rows = state.batch_size
+        # Ask the guidance which rows need the unconditional branch this step, then run only those.
+        scale = guidance.scale(ctx)
+        uncond_rows = _rows_needing_uncond(scale, rows) if conditioning.uncond is not None else "none"
+        branches: dict[str, torch.Tensor | None] = {"cond": None}
+        if uncond_rows != "none":
+            branches["uncond"] = None if uncond_rows == "all" else uncond_rows.to(state.latents.device)
+        predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch)
+        model_output = predictions["cond"]
+        if uncond_rows == "all":
+            model_output = guidance.combine(model_output, predictions["uncond"], scale, ctx)
+        elif uncond_rows != "none":
+            index = branches["uncond"]
+            guided = guidance.combine(model_output.index_select(0, index), predictions["uncond"],
+                                      scale.to(model_output.device).index_select(0, index), ctx, rows=index)
+            model_output = model_output.index_copy(0, index, guided.to(model_output.dtype))
         info = StepInfo(
             step=i,
             timestep=float(t),
             sigma=ctx.sigma,
-            nfe={name: rows for name in branches},
+            nfe={name: (rows if r is None else len(r)) for name, r in branches.items()},
             model_calls=calls,
-            guidance_scale=(scale.tolist() if isinstance(scale, torch.Tensor) else scale) if use_uncond else None,
+            guidance_scale=None if uncond_rows == "none" else (scale.tolist() if isinstance(scale, torch.Tensor) else scale),
         )
         if needs_x0:
             state.x0_hat = predict_x0(scheduler, model_output, state.latents, t)

@@ -1,9 +1,11 @@
 """Guidance: which model branches a step needs, and how their predictions combine.
 
 The loop asks a :class:`Guidance` at every step for a scale (:meth:`Guidance.scale`) and runs
-only the branches that scale needs: ``None`` means "conditional branch only" and the loop runs
-``B`` rows instead of ``2B`` (a real saving, not a computed-and-discarded pass). Then it calls
-:meth:`Guidance.combine` on the branch predictions.
+only the rows that scale needs: ``None`` (or a float exactly 1) means "conditional branch only",
+and the loop runs ``B`` rows instead of ``2B``. A per-row tensor of scales runs the unconditional
+branch only for the rows whose scale is not exactly 1. Skipped rows are never computed, so the
+saving is real. Then the loop calls :meth:`Guidance.combine` on the rows that ran both branches;
+the others take the conditional prediction exactly.
 
 Scale convention (diffusers'): ``guided = uncond + s · (cond − uncond)``; ``s = 1`` is the
 conditional prediction alone. Stock pipelines switch CFG on only for ``s > 1``;
@@ -14,23 +16,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """Where the loop is: step ``step`` of ``num_steps``, at ``timestep`` with noise level ``sigma``."""
+    """Where the loop is: step ``step`` of ``num_steps``, at ``timestep`` with noise level ``sigma``.
+
+    ``state`` is the particle state entering the step. Guidance that keeps per-row state (Adaptive
+    Guidance's on/off flags) keeps it in ``state.stats``, so resampling re-indexes it with the rest.
+    """
 
     step: int
     num_steps: int
     timestep: torch.Tensor
     sigma: float | None
+    state: Any = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.state.batch_size if self.state is not None else 0
 
     @property
     def progress(self) -> float:
-        """Fraction of the trajectory done before this step: 0 at the first step, → 1 at the end."""
-        return self.step / max(self.num_steps, 1)
+        """Position in the trajectory: 0 at the first step, 1 at the last."""
+        return self.step / max(self.num_steps - 1, 1)
 
 
 Scale = float | torch.Tensor | None
@@ -46,8 +58,19 @@ class Guidance:
     def scale(self, ctx: StepContext) -> Scale:
         raise NotImplementedError
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """``uncond + scale · (cond − uncond)``, with ``scale`` a float or one value per row."""
+    def combine(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scale: float | torch.Tensor,
+        ctx: StepContext,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``uncond + scale · (cond − uncond)``, with ``scale`` a float or one value per given row.
+
+        ``rows`` are the global row indices of ``cond``/``uncond`` when only some rows ran the
+        unconditional branch this step (``None``: all rows, in order).
+        """
         if isinstance(scale, torch.Tensor):
             scale = scale.to(device=cond.device, dtype=cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
         return uncond + scale * (cond - uncond)
@@ -73,8 +96,8 @@ class ClassifierFreeGuidance(Guidance):
     def scale(self, ctx: StepContext) -> Scale:
         return self.guidance_scale if self.guidance_scale > 1.0 else None
 
-    def combine(self, cond, uncond, scale, ctx):
-        guided = super().combine(cond, uncond, scale, ctx)
+    def combine(self, cond, uncond, scale, ctx, rows=None):
+        guided = super().combine(cond, uncond, scale, ctx, rows)
         if self.guidance_rescale > 0.0:
             from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
