@@ -62,6 +62,20 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _guidance_spec(text: str):
+    """A plain number stays a number (the stock CFG path); anything else must parse as a schedule."""
+    from steerkit.guidance import parse_schedule
+
+    try:
+        return _non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return parse_schedule(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="steerkit", description="Inference-time steering for diffusers pipelines.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -84,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reward for fk / best-of-n (default for the bundled models: classifier:fashion)")
     gen.add_argument("--lmbda", type=_non_negative_float, default=10.0, help="FK temperature λ (tilt exp(λ·reward))")
     gen.add_argument("--steps", type=_positive_int, default=20, help="denoising steps")
-    gen.add_argument("--guidance", type=_non_negative_float, default=None,
-                     help="classifier-free guidance scale, diffusers convention (1 = off); default: the model's")
+    gen.add_argument("--guidance", type=_guidance_spec, default=None,
+                     help="CFG scale (diffusers convention, 1 = off) or a schedule: linear:1->7.5, cosine:1->7.5, "
+                          "power:1->7.5,2, clamp-linear:4,1, interval:4,0.3,5 (σ band), piecewise:0=1,0.5=6,1=2; "
+                          "default: the model's")
+    gen.add_argument("--adaptive-guidance", type=float, default=None, metavar="THRESHOLD",
+                     help="Adaptive Guidance: per sample, drop the unconditional pass once cos(cond, uncond) ≥ THRESHOLD")
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                      help="sampler (default: the model's; a stochastic one for fk)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
@@ -178,6 +196,15 @@ def _scheduler_for(pipe, name: str | None, method: str):
     return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides), name
 
 
+def pipe_default_scale(pipe) -> float:
+    """The stock default ``guidance_scale`` of the pipeline's call."""
+    import inspect
+
+    from steerkit.pipelines.base import _stock_class
+
+    return inspect.signature(_stock_class(type(pipe)).__call__).parameters["guidance_scale"].default
+
+
 def _hooks_for(args, is_class_conditional: bool) -> tuple[list[Any], str | None]:
     if args.method == "none":
         return [], None
@@ -230,11 +257,19 @@ def generate_command(args) -> dict[str, Any]:
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
                                 generator=generators, output_type="pil")
     call["class_labels" if is_class_conditional else "prompt"] = items
-    if args.guidance is not None:
+    guidance = None
+    if isinstance(args.guidance, float):
         call["guidance_scale"] = args.guidance
+    elif args.guidance is not None:
+        guidance = args.guidance
+    if args.adaptive_guidance is not None:
+        from steerkit.guidance import AdaptiveGuidance
+
+        base = guidance if guidance is not None else call.get("guidance_scale", pipe_default_scale(pipe))
+        guidance = AdaptiveGuidance(base, threshold=args.adaptive_guidance)
     if args.scheduler == "ddim-eta1":
         call["eta"] = 1.0
-    output = pipe(**call, hooks=hooks, num_particles=particles, max_batch=args.max_batch)
+    output = pipe(**call, guidance=guidance, hooks=hooks, num_particles=particles, max_batch=args.max_batch)
     trace = output.steering
     for name, image in zip(names, output.images):
         _atomic_write(args.out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
@@ -243,7 +278,8 @@ def generate_command(args) -> dict[str, Any]:
 
     record = {
         "command": ["steerkit", *getattr(args, "argv", [])],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "argv"},
+        "config": {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
+                   for k, v in vars(args).items() if k != "argv"},
         "resolved": {
             "model": args.model,
             "model_path": resolve_model_path(args.model),
@@ -251,7 +287,7 @@ def generate_command(args) -> dict[str, Any]:
             "scheduler": type(scheduler).__name__,
             "scheduler_config": dict(scheduler.config),
             "scheduler_choice": scheduler_name,
-            "guidance_scale": args.guidance,
+            "guidance": repr(guidance) if guidance is not None else call.get("guidance_scale"),
             "particles": particles,
             "reward": reward,
             "device": device,

@@ -42,6 +42,17 @@ def test_generate_writes_images_and_a_reproducible_record(tiny_model_dir, tmp_pa
     assert (out / "000-class0.png").read_bytes() == first
 
 
+def test_guidance_schedules_and_adaptive_guidance_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run(["generate", "class0", "--model", tiny_model_dir, "--steps", "4", "--guidance", "linear:1->4",
+                           "--adaptive-guidance", "0.5", "--out", out], capsys)
+    assert code == 0, stderr
+    record = json.loads((out / "run.json").read_text())
+    assert "AdaptiveGuidance" in record["resolved"]["guidance"] and "LinearSchedule" in record["resolved"]["guidance"]
+    steps = record["diagnostics"]["steps"]
+    assert steps[0]["nfe"] == {"cond": 1}  # the linear ramp starts at scale 1: no unconditional pass
+
+
 def test_existing_outputs_are_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["generate", "class1", "--model", tiny_model_dir, "--steps", "2", "--out", out]
@@ -57,8 +68,11 @@ def test_existing_outputs_are_never_overwritten_silently(tiny_model_dir, tmp_pat
     [
         (["--steps", "0"], "positive integer"),
         (["--steps", "many"], "positive integer"),
-        (["--guidance", "-2"], "finite number"),
-        (["--guidance", "nan"], "finite number"),
+        (["--guidance", "-2"], "finite number ≥ 0"),
+        (["--guidance", "wobble:2"], "unknown guidance schedule"),
+        (["--guidance", "linear:-1->3"], "finite number ≥ 0"),
+        (["--guidance", "interval:3,2,1"], "sigma_low < sigma_high"),
+        (["--adaptive-guidance", "1.5"], "threshold must be in (0, 1]"),
         (["--particles", "-1"], "positive integer"),
         (["--method", "magic"], "invalid choice"),
         (["--scheduler", "flow-euler"], "does not fit"),
