@@ -73,6 +73,10 @@ class Adapter:
         """x̂0 latents → images in [0, 1], ``[B, C, H, W]`` float32 (for rewards)."""
         raise NotImplementedError
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], ``[B, C, H, W]`` → the latents the model samples (inverse of :meth:`decode`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images yet")
+
     def finish(self, latents: torch.Tensor, call: dict[str, Any]) -> Any:
         """Build the stock output (decode, post-process, free offload hooks)."""
         raise NotImplementedError
@@ -131,21 +135,7 @@ class SteeredMixin:
         **kwargs,
     ):
         started = time.perf_counter()
-        stock_call = _stock_class(type(self)).__call__
-        signature = inspect.signature(stock_call)
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}.__call__: {error}") from None
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        call.pop("self")
-        extra = call.pop("kwargs", {}) or {}
-        if extra:
-            raise TypeError(f"{type(self).__name__}.__call__ got unsupported arguments: {sorted(extra)}")
-        defaults = {k: p.default for k, p in signature.parameters.items()}
-        adapter = type(self).adapter_class(self)
-        adapter.check_call(call, defaults)
+        call, adapter = bind_call(self, args, kwargs)
         if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be an integer ≥ 1, got {num_particles!r}")
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
@@ -202,6 +192,25 @@ class SteeredMixin:
         if not isinstance(output, tuple):
             output.steering = trace
         return output
+
+
+def bind_call(pipe: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Adapter]:
+    """Bind stock call arguments to the stock signature (defaults filled in) and check them."""
+    stock_call = _stock_class(type(pipe)).__call__
+    signature = inspect.signature(stock_call)
+    try:
+        bound = signature.bind(pipe, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{type(pipe).__name__}.__call__: {error}") from None
+    bound.apply_defaults()
+    call = dict(bound.arguments)
+    call.pop("self")
+    extra = call.pop("kwargs", {}) or {}
+    if extra:
+        raise TypeError(f"{type(pipe).__name__}.__call__ got unsupported arguments: {sorted(extra)}")
+    adapter = type(pipe).adapter_class(pipe)
+    adapter.check_call(call, {k: p.default for k, p in signature.parameters.items()})
+    return call, adapter
 
 
 def _stock_callback(pipe: Any, call: dict[str, Any]):

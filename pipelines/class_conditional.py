@@ -195,6 +195,14 @@ class ClassConditionalUNetAdapter(Adapter):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (x0.float() / 2 + 0.5).clamp(0, 1)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        config = self.pipe.unet.config
+        size = config.sample_size if isinstance(config.sample_size, (tuple, list)) else (config.sample_size,) * 2
+        expected = (config.in_channels, *size)
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {', '.join(map(str, expected))}] for this model, got {list(images.shape)}")
+        return (images * 2 - 1).to(self.pipe.unet.dtype)
+
     def finish(self, latents: torch.Tensor, call: dict[str, Any]):
         pipe = self.pipe
         output_type = call["output_type"]

@@ -19,7 +19,7 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from steerkit.guidance import ClassifierFreeGuidance, Guidance
 
 from .base import Adapter, Conditioning, Prepared, SteeredMixin
-from .stable_diffusion import group_prompts, prompt_batch_size
+from .stable_diffusion import group_prompts, prompt_batch_size, vae_encode_unit
 
 
 class FluxAdapter(Adapter):
@@ -123,6 +123,11 @@ class FluxAdapter(Adapter):
         pipe = self.pipe
         latents = pipe._unpack_latents(latents, self.height, self.width, pipe.vae_scale_factor)
         return (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        latents = vae_encode_unit(self.pipe, images)
+        batch, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, batch, channels, height, width)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         image = self.pipe.vae.decode(self._unpacked_vae_input(x0).to(self.pipe.vae.dtype), return_dict=False)[0]

@@ -39,6 +39,18 @@ def vae_decode_unit(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def vae_encode_unit(pipe: Any, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] → scaled VAE latents (the mode of the posterior), as the model samples them."""
+    vae = pipe.vae
+    multiple = pipe.vae_scale_factor * 2
+    if images.shape[-1] % multiple or images.shape[-2] % multiple:
+        raise ValueError(f"image height and width must be multiples of {multiple}, got {list(images.shape[-2:])}")
+    posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+    latents = posterior.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 class StableDiffusionAdapter(Adapter):
     """SD 1.x/2.x: one batched ``[uncond; cond]`` UNet call, ε or v prediction, VAE latents."""
 

@@ -15,7 +15,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from steerkit.guidance import Guidance
 
 from .base import Adapter, Conditioning, Prepared, SteeredMixin
-from .stable_diffusion import group_prompts, prompt_batch_size, vae_decode_unit
+from .stable_diffusion import group_prompts, prompt_batch_size, vae_decode_unit, vae_encode_unit
 
 
 class StableDiffusion3Adapter(Adapter):
@@ -96,6 +96,9 @@ class StableDiffusion3Adapter(Adapter):
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return vae_decode_unit(self.pipe, x0)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return vae_encode_unit(self.pipe, images)
 
     def finish(self, latents: torch.Tensor, call: dict[str, Any]):
         pipe = self.pipe
