@@ -1,0 +1,44 @@
+"""The bundled models: where they live and how to load them (the real ``from_pretrained`` path, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUNDLED_MODELS = ("fashion-flow", "fashion-ddpm", "fashion-classifier")
+
+
+def bundled_model_path(name: str) -> Path:
+    """Directory of a bundled model (``fashion-flow``, ``fashion-ddpm``, ``fashion-classifier``)."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
+    path = WEIGHTS_DIR / name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"bundled model {name!r} is missing at {path}; reinstall steerkit, or retrain it with "
+            f"`python -m steerkit.zoo.train {name.split('-')[1]} --out {path}`"
+        )
+    return path
+
+
+def load_fashion_pipeline(name: str = "fashion-flow", device: str | torch.device = "cpu",
+                          torch_dtype: torch.dtype = torch.float32):
+    """The steered class-conditional pipeline of a bundled generative model."""
+    from steerkit.pipelines.class_conditional import SteeredClassConditionalUNetPipeline
+
+    if name == "fashion-classifier":
+        raise ValueError("fashion-classifier is not a generative model; use load_fashion_classifier()")
+    pipe = SteeredClassConditionalUNetPipeline.from_pretrained(
+        bundled_model_path(name), local_files_only=True, torch_dtype=torch_dtype
+    )
+    return pipe.to(device)
+
+
+def load_fashion_classifier(device: str | torch.device = "cpu"):
+    """The bundled Fashion-MNIST classifier, in eval mode."""
+    from .classifier import FashionClassifier
+
+    model = FashionClassifier.from_pretrained(bundled_model_path("fashion-classifier"), local_files_only=True)
+    return model.to(device).eval()

@@ -1,0 +1,46 @@
+"""Evaluation with the bundled classifier: class accuracy and a Fréchet distance in its features."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix (eigen-decomposition, float64)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (as FID does).
+
+    ``‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)``, with the symmetric form of the cross term so
+    that only symmetric PSD square roots are needed.
+    """
+    a, b = features_a.double(), features_b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    root_a = _sqrtm_psd(cov_a)
+    cross = _sqrtm_psd(root_a @ cov_b @ root_a)
+    value = (mean_a - mean_b).pow(2).sum() + torch.trace(cov_a + cov_b - 2 * cross)
+    return float(value.clamp_min(0))
+
+
+@torch.no_grad()
+def classify(classifier, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probabilities [N, C], features [N, D])`` of images in [-1, 1]."""
+    classifier.eval()
+    log_probs, feats = [], []
+    device = next(classifier.parameters()).device
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        f = classifier.features(x)
+        log_probs.append(torch.log_softmax(classifier.head(f).float(), dim=1).cpu())
+        feats.append(f.float().cpu())
+    return torch.cat(log_probs), torch.cat(feats)
+
+
+def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``images`` (in [-1, 1]) that the classifier assigns to ``labels``."""
+    log_probs, _ = classify(classifier, images)
+    return float((log_probs.argmax(1) == labels.cpu()).float().mean())
