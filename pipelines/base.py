@@ -159,6 +159,8 @@ class SteeredMixin:
             prompts=prepared.prompts,
             num_steps=len(prepared.timesteps),
             device=prepared.latents.device,
+            scheduler=prepared.scheduler,
+            step_kwargs=prepared.step_kwargs,
         )
         callback = _stock_callback(self, call)
         prepare_s = time.perf_counter() - started

@@ -1,1 +1,8 @@
-"""Rewards and potentials (installed as ``steerkit.rewards``)."""
+"""Rewards (installed as ``steerkit.rewards``): one registry and one calling convention for every method."""
+
+from .base import CallableReward, Reward, WeightedSum
+from .classifier import ClassifierReward
+from .registry import available_rewards, get_reward, register_reward
+
+__all__ = ["CallableReward", "ClassifierReward", "Reward", "WeightedSum", "available_rewards", "get_reward",
+           "register_reward"]

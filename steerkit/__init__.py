@@ -6,6 +6,7 @@
 >>> out.steering.nfe                                   # doctest: +SKIP
 """
 
+from . import smc  # noqa: E402,F401  (steerkit.smc.FKSteering in user code without another import)
 from .diagnostics import RunTrace, StepInfo
 from .guidance import ClassifierFreeGuidance, Guidance, StepContext
 from .loop import denoise

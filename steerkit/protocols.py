@@ -87,6 +87,8 @@ class RunContext:
     prompts: list[Any]
     num_steps: int
     device: torch.device
+    scheduler: Any = None
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class SteeringHook:

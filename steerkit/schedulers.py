@@ -245,3 +245,23 @@ def reindex_scheduler_state(scheduler: Any, index: torch.Tensor, batch_size: int
         new = reindex_rows(value, index, batch_size, min_ndim=2)
         if new is not value:
             setattr(scheduler, key, new)
+
+
+def is_stochastic(scheduler: Any, step_kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether ``scheduler.step`` injects fresh noise (resampling only helps if it does)."""
+    name = _family_name(scheduler)
+    config = scheduler.config
+    step_kwargs = step_kwargs or {}
+    if name in {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler"}:
+        return True
+    if name == "DDIMScheduler":
+        return float(step_kwargs.get("eta", 0.0)) > 0
+    if name == "TCDScheduler":
+        return float(step_kwargs.get("eta", 0.3)) > 0
+    if name in FLOW_SCHEDULERS:
+        return bool(config.get("stochastic_sampling", False))
+    if name in {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"}:
+        return str(config.get("algorithm_type", "")).startswith("sde")
+    if name == "EulerDiscreteScheduler":
+        return float(step_kwargs.get("s_churn", 0.0)) > 0
+    return False

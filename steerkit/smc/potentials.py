@@ -1,0 +1,61 @@
+"""FK potentials: how intermediate rewards become log-weight increments.
+
+The target is the tilted distribution ``p(x0) · exp(λ r(x0))``. Each potential multiplies a
+particle's weight by ``G_t`` at the scoring steps. A terminal correction makes the product of all
+``G`` along any lineage exactly ``exp(λ · r(x0))``. That identity holds for any intermediate
+rewards, so every potential targets the same distribution. They differ in how early they favour
+particles:
+
+- ``difference``: ``log G_t = λ (r_t − r_prev)``. It rewards improvement, and the product
+  telescopes.
+- ``max``: ``log G_t = λ · max(r_1..r_t)``.
+- ``sum``: ``log G_t = λ · (r_1 + … + r_t)``.
+- ``immediate``: ``log G_t = λ · r_t``.
+
+The last three need the terminal correction ``λ r(x0) − Σ log G`` along the lineage. Per-particle
+quantities live in ``state.stats`` and are re-indexed with the particle on resampling:
+``fk_last`` (the last reward), ``fk_running`` (the running max or sum) and ``fk_log_potential``
+(Σ log G so far).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+POTENTIALS = ("max", "difference", "sum", "immediate")
+LAST, RUNNING, ACCUMULATED = "fk_last", "fk_running", "fk_log_potential"
+
+
+def init_stats(stats: dict, rows: int, potential: str) -> None:
+    stats[LAST] = torch.zeros(rows, dtype=torch.float64)
+    stats[RUNNING] = torch.full((rows,), -math.inf if potential == "max" else 0.0, dtype=torch.float64)
+    stats[ACCUMULATED] = torch.zeros(rows, dtype=torch.float64)
+
+
+def log_increment(potential: str, lmbda: float, reward: torch.Tensor, stats: dict) -> torch.Tensor:
+    """``log G_t`` per row for rewards ``reward`` (float64, finite), updating ``stats`` (new tensors)."""
+    reward = reward.to(torch.float64)
+    if potential == "difference":
+        increment = lmbda * (reward - stats[LAST])
+    elif potential == "max":
+        stats[RUNNING] = torch.maximum(stats[RUNNING], reward)
+        increment = lmbda * stats[RUNNING]
+    elif potential == "sum":
+        stats[RUNNING] = stats[RUNNING] + reward
+        increment = lmbda * stats[RUNNING]
+    elif potential == "immediate":
+        increment = lmbda * reward
+    else:
+        raise ValueError(f"unknown potential {potential!r}; valid: {list(POTENTIALS)}")
+    stats[LAST] = reward
+    stats[ACCUMULATED] = stats[ACCUMULATED] + increment
+    return increment
+
+
+def terminal_increment(lmbda: float, final_reward: torch.Tensor, stats: dict) -> torch.Tensor:
+    """The last factor: makes the lineage product ``exp(λ r(x0))`` for every potential."""
+    increment = lmbda * final_reward.to(torch.float64) - stats[ACCUMULATED]
+    stats[ACCUMULATED] = stats[ACCUMULATED] + increment
+    return increment
