@@ -31,7 +31,7 @@ def load_fashion_pipeline(name: str = "fashion-flow", device: str | torch.device
     if name == "fashion-classifier":
         raise ValueError("fashion-classifier is not a generative model; use load_fashion_classifier()")
     pipe = SteeredClassConditionalUNetPipeline.from_pretrained(
-        bundled_model_path(name), local_files_only=True, torch_dtype=torch_dtype
+        bundled_model_path(name), local_files_only=True, dtype=torch_dtype
     )
     return pipe.to(device)
 
