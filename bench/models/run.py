@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from steerkit.zoo import FASHION_CLASSES, load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline
+from steerkit.zoo import load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline
 from steerkit.zoo.metrics import classify, frechet_distance
 
 
