@@ -51,7 +51,7 @@ def main(argv=None):
     nfe_per_image = result.nfe // args.images
     rows = [{"method": f"FlowOpt (T={args.steps}, {args.iterations} iterations, η = 0.5×bound)",
              "nfe_per_image": nfe_per_image, "psnr": sum(result.psnr[-1]) / args.images,
-             "mse": sum(min(l) for l in zip(*result.loss)) / args.images}]
+             "mse": sum(min(losses) for losses in zip(*result.loss)) / args.images}]
     rows.append({"method": f"ODE inversion (T={args.steps}), FlowOpt's start", "nfe_per_image": 2 * args.steps,
                  "psnr": sum(result.psnr[0]) / args.images, "mse": sum(result.loss[0]) / args.images})
     equal = nfe_per_image // 2
@@ -63,7 +63,7 @@ def main(argv=None):
     for factor in (0.5, 1.0, 2.0):
         run = invert(pipe, images[:8], class_labels=labels[:8], num_inference_steps=args.steps, iterations=15,
                      step_size=None if factor == 0.5 else float(factor * bound[:8].median()), progress=False)
-        curves[f"{factor:g}× bound"] = [sum(l) / len(l) for l in run.loss]
+        curves[f"{factor:g}× bound"] = [sum(losses) / len(losses) for losses in run.loss]
     settings = vars(args)
     out = {"benchmark": "flowopt", "environment": environment(), "settings": settings, "rows": rows,
            "step_size_bound_median": float(bound.median()), "curves_mse": curves}

@@ -81,6 +81,13 @@ class Adapter:
         """Build the stock output (decode, post-process, free offload hooks)."""
         raise NotImplementedError
 
+    def stock_output(self, call: dict[str, Any], output_class: type, **fields: Any) -> Any:
+        """End a call as the stock pipelines do: free offload hooks, then a tuple or the output class."""
+        self.pipe.maybe_free_model_hooks()
+        if not call["return_dict"]:
+            return tuple(fields.values())
+        return output_class(**fields)
+
     def check_call(self, call: dict[str, Any], defaults: dict[str, Any]) -> None:
         for name in self.unsupported_arguments:
             if name in call and call[name] is not defaults.get(name) and call[name] != defaults.get(name):

@@ -207,10 +207,7 @@ class ClassConditionalUNetAdapter(Adapter):
         pipe = self.pipe
         output_type = call["output_type"]
         image = latents if output_type == "latent" else pipe.image_processor.postprocess(latents, output_type)
-        pipe.maybe_free_model_hooks()
-        if not call["return_dict"]:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return self.stock_output(call, ImagePipelineOutput, images=image)
 
 
 class SteeredClassConditionalUNetPipeline(SteeredMixin, ClassConditionalUNetPipeline):

@@ -86,10 +86,7 @@ class DiTAdapter(Adapter):
             samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
             if call["output_type"] == "pil":
                 samples = pipe.numpy_to_pil(samples)
-        pipe.maybe_free_model_hooks()
-        if not call["return_dict"]:
-            return (samples,)
-        return ImagePipelineOutput(images=samples)
+        return self.stock_output(call, ImagePipelineOutput, images=samples)
 
 
 class SteeredDiTPipeline(SteeredMixin, DiTPipeline):

@@ -141,10 +141,7 @@ class FluxAdapter(Adapter):
         else:
             image = pipe.vae.decode(self._unpacked_vae_input(latents), return_dict=False)[0]
             image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not call["return_dict"]:
-            return (image,)
-        return FluxPipelineOutput(images=image)
+        return self.stock_output(call, FluxPipelineOutput, images=image)
 
 
 class SteeredFluxPipeline(SteeredMixin, FluxPipeline):

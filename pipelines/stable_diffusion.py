@@ -89,13 +89,18 @@ class StableDiffusionAdapter(Adapter):
         )
         cond = {"encoder_hidden_states": prompt_embeds}
         uncond = {"encoder_hidden_states": negative_embeds} if guidance.needs_uncond else None
+        return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
+
+    def unet_prepared(self, call, cond, uncond, latents, scheduler, timesteps, batch_size) -> Prepared:
+        """The SD/SDXL tail: LCM guidance embedding (if the UNet takes one) and the stock step kwargs."""
+        pipe = self.pipe
         if pipe.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(call["guidance_scale"] - 1).repeat(batch_size * rows_per_prompt)
+            scale = torch.tensor(call["guidance_scale"] - 1).repeat(latents.shape[0])
             cond["timestep_cond"] = pipe.get_guidance_scale_embedding(
                 scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
+            ).to(device=latents.device, dtype=latents.dtype)
         return Prepared(
-            conditioning=Conditioning(cond, uncond, static={"cross_attention_kwargs": cross_attention_kwargs}),
+            conditioning=Conditioning(cond, uncond, static={"cross_attention_kwargs": call["cross_attention_kwargs"]}),
             latents=latents,
             scheduler=scheduler,
             timesteps=timesteps,
@@ -130,10 +135,7 @@ class StableDiffusionAdapter(Adapter):
             image, has_nsfw = latents, None
         denormalize = [True] * image.shape[0] if has_nsfw is None else [not flagged for flagged in has_nsfw]
         image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
-        pipe.maybe_free_model_hooks()
-        if not call["return_dict"]:
-            return (image, has_nsfw)
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw)
+        return self.stock_output(call, StableDiffusionPipelineOutput, images=image, nsfw_content_detected=has_nsfw)
 
 
 class SteeredStableDiffusionPipeline(SteeredMixin, StableDiffusionPipeline):

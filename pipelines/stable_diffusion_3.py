@@ -109,10 +109,7 @@ class StableDiffusion3Adapter(Adapter):
             latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
             image = pipe.vae.decode(latents, return_dict=False)[0]
             image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not call["return_dict"]:
-            return (image,)
-        return StableDiffusion3PipelineOutput(images=image)
+        return self.stock_output(call, StableDiffusion3PipelineOutput, images=image)
 
 
 class SteeredStableDiffusion3Pipeline(SteeredMixin, StableDiffusion3Pipeline):

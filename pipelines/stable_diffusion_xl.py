@@ -17,8 +17,8 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 
 from steerkit.guidance import Guidance
 
-from .base import Conditioning, Prepared, SteeredMixin
-from .stable_diffusion import StableDiffusionAdapter, group_prompts, prompt_batch_size
+from .base import Prepared, SteeredMixin
+from .stable_diffusion import StableDiffusionAdapter, prompt_batch_size
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
@@ -87,19 +87,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                 "text_embeds": negative_pooled.to(device),
                 "time_ids": negative_time_ids.to(device).repeat(rows, 1),
             }
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(call["guidance_scale"] - 1).repeat(rows)
-            cond["timestep_cond"] = pipe.get_guidance_scale_embedding(
-                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-        return Prepared(
-            conditioning=Conditioning(cond, uncond, static={"cross_attention_kwargs": cross_attention_kwargs}),
-            latents=latents,
-            scheduler=scheduler,
-            timesteps=timesteps,
-            step_kwargs=pipe.prepare_extra_step_kwargs(call["generator"], call["eta"]),
-            prompts=group_prompts(call["prompt"], batch_size, call["num_images_per_prompt"]),
-        )
+        return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
 
     def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
@@ -135,10 +123,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             if pipe.watermark is not None:
                 image = pipe.watermark.apply_watermark(image)
             image = pipe.image_processor.postprocess(image, output_type=output_type)
-        pipe.maybe_free_model_hooks()
-        if not call["return_dict"]:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
+        return self.stock_output(call, StableDiffusionXLPipelineOutput, images=image)
 
 
 class SteeredStableDiffusionXLPipeline(SteeredMixin, StableDiffusionXLPipeline):
