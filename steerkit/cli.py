@@ -112,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--out", type=Path, default=Path("steerkit-out"), help="output directory")
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    for name, help_text in (("invert", "find the noise that regenerates an image (FlowOpt)"),
+                            ("edit", "edit an image toward a target class or prompt (FlowOpt)")):
+        sub = commands.add_parser(name, help=help_text, description=help_text + ". Flow-matching models only.",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+        sub.add_argument("--model", default="fashion-flow", help="bundled model, local directory or hub id")
+        sub.add_argument("--source", required=True, nargs="+",
+                         help="the class (or prompt) of each image, or one for all")
+        if name == "edit":
+            sub.add_argument("--to", required=True, nargs="+", help="target class (or prompt), one or one per image")
+            sub.add_argument("--guidance", type=_non_negative_float, default=2.0, help="target CFG scale")
+        sub.add_argument("--steps", type=_positive_int, default=10 if name == "invert" else 15, help="T")
+        sub.add_argument("--n-max", type=_positive_int, default=None, help="start at this many of the T steps")
+        sub.add_argument("--iterations", type=_positive_int, default=20 if name == "invert" else 8)
+        sub.add_argument("--step-size", type=_non_negative_float, default=None, help="η (default: half the estimated bound)")
+        sub.add_argument("--tol", type=_non_negative_float, default=0.0, help="stop when every MSE is below this")
+        sub.add_argument("--resize", action="store_true", help="resize images to the model's size")
+        sub.add_argument("--device", default=None)
+        sub.add_argument("--out", type=Path, default=Path(f"steerkit-{name}"))
+        sub.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command == "generate":
             generate_command(args)
+        elif args.command in ("invert", "edit"):
+            flowopt_command(args)
         return 0
     except (CliError, ValueError, TypeError, NotImplementedError, FileNotFoundError, PermissionError) as error:
         print(f"steerkit: error: {error}", file=sys.stderr)
@@ -311,3 +333,98 @@ def generate_command(args) -> dict[str, Any]:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- invert / edit ----------------------------------------------------------------------------
+
+
+def _per_image(values: list[str], count: int, flag: str) -> list[str]:
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise CliError(f"{flag} takes one value or one per image ({count}), got {len(values)}")
+    return values
+
+
+def _load_images(paths: list[Path], pipe, resize: bool):
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    config = getattr(pipe, "unet", None) and pipe.unet.config
+    channels = config.in_channels if config is not None else 3
+    size = config.sample_size if config is not None else None
+    arrays = []
+    for path in paths:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise CliError(f"cannot read image {str(path)!r}: {error}") from None
+        image = image.convert("L" if channels == 1 else "RGB")
+        if resize and size:
+            image = image.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+    if len({a.shape for a in arrays}) != 1:
+        raise CliError("all images must have the same size (or pass --resize)")
+    batch = torch.from_numpy(np.stack(arrays))
+    return batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+
+
+def flowopt_command(args) -> dict[str, Any]:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from steerkit.flowopt import edit, invert
+    from steerkit.models import load_pipeline
+    from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    diffusers_logging.disable_progress_bar()
+    pipe = load_pipeline(args.model, device=device)
+    key = "class_labels" if isinstance(pipe, ClassConditionalUNetPipeline) else "prompt"
+    count = len(args.images)
+    names = [f"{i:03d}-{_slug(p.stem)}.png" for i, p in enumerate(args.images)]
+    extra = [f"{i:03d}-{_slug(p.stem)}-regenerated.png" for i, p in enumerate(args.images)] if args.command == "edit" else []
+    _check_output_dir(args.out, [*names, *extra, "run.json", "latents.safetensors"], args.overwrite)
+    images = _load_images(args.images, pipe, args.resize)
+    source = _per_image(args.source, count, "--source")
+    options = dict(num_inference_steps=args.steps, n_max=args.n_max, iterations=args.iterations,
+                   step_size=args.step_size or None, tol=args.tol)
+    if args.command == "invert":
+        result = invert(pipe, images, **{key: source}, **options)
+        baseline = None
+    else:
+        target = _per_image(args.to, count, "--to")
+        result = edit(pipe, images, source={key: source}, target={key: target}, target_guidance=args.guidance, **options)
+        baseline = result.initial_output
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    def save_images(latents, files):
+        pixels = pipe_decode(pipe, latents)
+        for name, image in zip(files, pixels):
+            array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+            picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+            _atomic_write(args.out / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+
+    save_images(result.output, names)
+    if baseline is not None:
+        save_images(baseline, extra)
+    _atomic_write(args.out / "latents.safetensors",
+                  lambda tmp: save_file({"latents": result.latents.contiguous().cpu()}, tmp))
+    record = {"command": ["steerkit", *getattr(args, "argv", [])], "images": [str(p) for p in args.images],
+              "outputs": names, "regenerated": extra, "result": result.to_dict()}
+    _atomic_write(args.out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
+    psnr_line = f", PSNR {sum(result.psnr[-1]) / count:.2f} dB" if result.psnr else ""
+    print(f"{args.command}: {len(result.loss) - 1} iteration(s), {result.nfe} NFEs, stopped by {result.stopped}"
+          f"{psnr_line}; wrote {args.out}")
+    return record
+
+
+def pipe_decode(pipe, latents):
+    """Latents → images in [0, 1] through the pipeline's adapter."""
+    import torch
+
+    with torch.no_grad():
+        return type(pipe).adapter_class(pipe).decode(latents)

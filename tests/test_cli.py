@@ -107,3 +107,50 @@ def test_console_script_help_reads_well():
     assert result.returncode == 0
     for flag in ("--model", "--method", "--particles", "--reward", "--steps", "--guidance", "--seed", "--out", "--overwrite"):
         assert flag in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_dir(tmp_path_factory):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = tmp_path_factory.mktemp("tiny-flow")
+    testing.tiny_class_conditional(scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def gray_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((16, 16)) * 255).astype("uint8")).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_invert_and_edit_commands(tiny_flow_dir, gray_images, tmp_path, capsys):
+    out = tmp_path / "inv"
+    code, stdout, stderr = run(["invert", *gray_images, "--model", tiny_flow_dir, "--source", "class0", "class1",
+                                "--steps", "4", "--iterations", "3", "--out", out], capsys)
+    assert code == 0, stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["outputs"] == ["000-img0.png", "001-img1.png"] and len(record["result"]["loss"]) == 4
+    assert (out / "latents.safetensors").is_file() and "invert: 3 iteration(s)" in stdout
+    out = tmp_path / "edit"
+    code, stdout, stderr = run(["edit", gray_images[0], "--model", tiny_flow_dir, "--source", "class0", "--to", "class2",
+                                "--steps", "4", "--iterations", "2", "--out", out], capsys)
+    assert code == 0, stderr
+    assert (out / "000-img0.png").is_file() and (out / "000-img0-regenerated.png").is_file()
+
+
+def test_invert_errors(tiny_model_dir, tiny_flow_dir, gray_images, tmp_path, capsys):
+    code, _, stderr = run(["invert", *gray_images, "--model", tiny_model_dir, "--source", "class0", "--out", tmp_path / "a"], capsys)
+    assert code == 2 and "FlowOpt needs a flow-matching model" in stderr
+    code, _, stderr = run(["invert", tmp_path / "nope.png", "--model", tiny_flow_dir, "--source", "class0", "--out", tmp_path / "b"], capsys)
+    assert code == 2 and "cannot read image" in stderr
+    code, _, stderr = run(["invert", *gray_images, "--model", tiny_flow_dir, "--source", "class0", "class1", "class2",
+                           "--out", tmp_path / "c"], capsys)
+    assert code == 2 and "--source takes one value or one per image" in stderr

@@ -39,7 +39,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def to_model_space(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, 28, 28]`` → float ``[N, 1, 32, 32]`` in [-1, 1] (padded with −1)."""
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32) / 127.5 - 1.0
+    x = torch.as_tensor(np.array(images, dtype=np.float32)) / 127.5 - 1.0
     return torch.nn.functional.pad(x[:, None], (2, 2, 2, 2), value=-1.0)
 
 
