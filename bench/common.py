@@ -55,3 +55,15 @@ def write_result(name: str, result: dict[str, Any], out_dir: str | None = None) 
     path = directory / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def tiny_sd_pair(device: str):
+    """The tiny SD pipeline and its steered twin (shared modules), progress bars off."""
+    import steerkit
+    from steerkit import testing
+
+    stock = testing.tiny_stable_diffusion().to(device)
+    stock.set_progress_bar_config(disable=True)
+    steered = steerkit.steer(stock)
+    steered.set_progress_bar_config(disable=True)
+    return stock, steered

@@ -14,10 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, interleaved_times, median, write_result  # noqa: E402
-
-import steerkit  # noqa: E402
-from steerkit import testing  # noqa: E402
+from common import environment, interleaved_times, median, tiny_sd_pair, write_result  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -29,10 +26,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    stock = testing.tiny_stable_diffusion().to(args.device)
-    stock.set_progress_bar_config(disable=True)
-    steered = steerkit.steer(stock)
-    steered.set_progress_bar_config(disable=True)
+    stock, steered = tiny_sd_pair(args.device)
     kwargs = dict(prompt="a photo of a cat", num_inference_steps=args.steps, guidance_scale=7.5, height=32, width=32,
                   num_images_per_prompt=args.batch, output_type="pt")
 

@@ -69,6 +69,15 @@ def _augment(x: torch.Tensor, generator: torch.Generator, shift: int = 0) -> tor
     return x
 
 
+def _setup(args) -> tuple[torch.Generator, torch.device, torch.Tensor, torch.Tensor]:
+    """Seed everything; the data generator, the device, and the (optionally truncated) training set."""
+    torch.manual_seed(args.seed)
+    images, labels = load_fashion_mnist("train")
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    return torch.Generator().manual_seed(args.seed), torch.device(args.device), images, labels
+
+
 class EMA:
     """Exponential moving average of a model's parameters (the shipped weights)."""
 
@@ -89,12 +98,7 @@ def train_generative(kind: str, args) -> Path:
 
     from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
 
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    device = torch.device(args.device)
-    images, labels = load_fashion_mnist("train")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+    generator, device, images, labels = _setup(args)
     unet = build_unet(args.size).to(device)
     ema = EMA(unet, args.ema_decay)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -161,12 +165,7 @@ def train_classifier(args) -> Path:
     from .classifier import FashionClassifier
     from .metrics import class_accuracy
 
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    device = torch.device(args.device)
-    images, labels = load_fashion_mnist("train")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+    generator, device, images, labels = _setup(args)
     model = FashionClassifier(class_names=FASHION_CLASSES).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
     steps_per_epoch = images.shape[0] // args.batch_size
