@@ -2,7 +2,8 @@
 
 from .base import CallableReward, Reward, WeightedSum
 from .classifier import ClassifierReward
+from .clip import ClipScore
 from .registry import available_rewards, get_reward, register_reward
 
-__all__ = ["CallableReward", "ClassifierReward", "Reward", "WeightedSum", "available_rewards", "get_reward",
+__all__ = ["CallableReward", "ClassifierReward", "ClipScore", "Reward", "WeightedSum", "available_rewards", "get_reward",
            "register_reward"]

@@ -74,5 +74,12 @@ def _register_builtins() -> None:
 
     register_reward("classifier", classifier)
 
+    def clip(argument: str) -> Reward:
+        from .clip import load_clip_score
+
+        return load_clip_score(argument)
+
+    register_reward("clip", clip)
+
 
 _register_builtins()
