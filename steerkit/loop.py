@@ -79,20 +79,20 @@ def _select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | None, bat
     return {k: v.index_select(0, rows.to(v.device)) if v.shape[0] == batch_size else v for k, v in inputs.items()}
 
 
-def _rows_needing_uncond(scale: Any, rows: int) -> torch.Tensor | str:
-    """``"all"``, ``"none"``, or the indices of the rows whose scale is not exactly 1."""
+def _rows_needing_uncond(scale: Any, rows: int) -> tuple[str, torch.Tensor | None]:
+    """``("all", None)``, ``("none", None)``, or ``("some", indices of the rows whose scale is not exactly 1)``."""
     if scale is None:
-        return "none"
+        return "none", None
     if not isinstance(scale, torch.Tensor):
-        return "none" if scale == 1.0 else "all"
+        return ("none" if scale == 1.0 else "all"), None
     if scale.shape != (rows,):
         raise ValueError(f"a per-row guidance scale must have shape ({rows},), got {tuple(scale.shape)}")
     needed = scale != 1.0
     if bool(needed.all()):
-        return "all"
+        return "all", None
     if not bool(needed.any()):
-        return "none"
-    return needed.nonzero().flatten()
+        return "none", None
+    return "some", needed.nonzero().flatten()
 
 
 def _stack_inputs(per_branch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -158,15 +158,15 @@ def denoise(
         rows = state.batch_size
         # Ask the guidance which rows need the unconditional branch this step, then run only those.
         scale = guidance.scale(ctx)
-        uncond_rows = _rows_needing_uncond(scale, rows) if conditioning.uncond is not None else "none"
+        mode, subset = _rows_needing_uncond(scale, rows) if conditioning.uncond is not None else ("none", None)
         branches: dict[str, torch.Tensor | None] = {"cond": None}
-        if uncond_rows != "none":
-            branches["uncond"] = None if uncond_rows == "all" else uncond_rows.to(state.latents.device)
+        if mode != "none":
+            branches["uncond"] = None if subset is None else subset.to(state.latents.device)
         predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch)
         model_output = predictions["cond"]
-        if uncond_rows == "all":
+        if mode == "all":
             model_output = guidance.combine(model_output, predictions["uncond"], scale, ctx)
-        elif uncond_rows != "none":
+        elif mode == "some":
             index = branches["uncond"]
             guided = guidance.combine(model_output.index_select(0, index), predictions["uncond"],
                                       scale.to(model_output.device).index_select(0, index), ctx, rows=index)
@@ -177,7 +177,7 @@ def denoise(
             sigma=ctx.sigma,
             nfe={name: (rows if r is None else len(r)) for name, r in branches.items()},
             model_calls=calls,
-            guidance_scale=None if uncond_rows == "none" else (scale.tolist() if isinstance(scale, torch.Tensor) else scale),
+            guidance_scale=None if mode == "none" else (scale.tolist() if isinstance(scale, torch.Tensor) else scale),
         )
         if needs_x0:
             state.x0_hat = predict_x0(scheduler, model_output, state.latents, t)
