@@ -1,8 +1,16 @@
-"""Sequential Monte Carlo steering: Feynman–Kac steering, best-of-N, weights, resamplers, potentials."""
+"""Sequential Monte Carlo steering: Feynman–Kac steering, best-of-N, weights, resamplers, potentials.
 
+Read ``fk.py`` first (the algorithm as pseudo-code), then ``potentials.py``, ``resampling.py`` and
+``weights.py``: small pure pieces the hook puts together.
+"""
+
+from . import potentials
 from .fk import BestOfN, FKSteering
 from .potentials import POTENTIALS
-from .resampling import RESAMPLERS, get_resampler
-from .weights import effective_sample_size, normalize
+from .resampling import RESAMPLERS, get_resampler, multinomial, residual, stratified, systematic
+from .weights import effective_sample_size, log_mean_weight, normalize, sanitize_log_increment
 
-__all__ = ["POTENTIALS", "RESAMPLERS", "BestOfN", "FKSteering", "effective_sample_size", "get_resampler", "normalize"]
+__all__ = [
+    "POTENTIALS", "RESAMPLERS", "BestOfN", "FKSteering", "effective_sample_size", "get_resampler", "log_mean_weight",
+    "multinomial", "normalize", "potentials", "residual", "sanitize_log_increment", "stratified", "systematic",
+]

@@ -1,30 +1,42 @@
 """Feynman–Kac steering as a hook on the shared loop, and its best-of-N baseline.
 
 "A General Framework for Inference-time Scaling and Steering of Diffusion Models" (Singhal,
-Horvitz et al., 2025). With K particles per prompt and the model's own transitions as proposals::
+Horvitz et al., 2025). With ``K`` particles per prompt and the model's own transitions as
+proposals (so the proposal ratio is 1 and the weights are the potentials alone)::
 
-    for each step t (the loop proposes x_{t-1} ~ p(x_{t-1} | x_t) for every particle):
+    log w ← 0                                              # [P, K], per prompt
+    for each step t (the loop has the guided prediction and x̂0 of every particle x_t):
         if t is a scoring step:
-            r_t  = reward(decode(x̂0(x_t)))                 # one batched decode + reward call
-            log w += log G_t(r_t, lineage)                  # potentials.py
-            if resampling is due (schedule, or ESS < τ·K):
-                ancestors ~ resample(w) within each prompt  # resampling.py
-                re-index every per-particle field; log w ← 0
-    at the end: log w += λ r(x0) − Σ log G                   # terminal correction
-    return the best particle per prompt (or a weighted draw, or all with weights)
+            r_t    = reward(decode(x̂0(x_t)), prompt)       # one batched decode + reward call
+            log w += log G_t(r_t, lineage history)          # potentials.py
+            for each prompt whose resampling is due        # every scoring step, or ESS < τ·K
+                log Ẑ += log mean(w)                        # normalising-constant estimate
+                a ~ resample(w)   (within the prompt)       # resampling.py
+                every per-particle field ← field[a];  log w ← 0
+        x_{t-1} ~ p(x_{t-1} | x_t)                          # the scheduler step (loop.py)
+    log w += λ r(x0) − Σ log G                              # terminal correction
+    log Ẑ += log mean(w)
+    return the best particle per prompt (or a weighted draw, or all of them with their weights)
 
-The weighted particles then target ``p(x0 | c) · exp(λ r(x0, c))``. Resampling only helps if the
-transitions are stochastic (DDPM, DDIM η > 0, Euler-ancestral, SDE-DPM-Solver, stochastic flow
-sampling). With a deterministic sampler the copies of a particle stay identical, so FK warns.
+Resampling happens before the scheduler step, so the step continues the chosen particles. The
+weighted particles then target ``p(x0 | c) · exp(λ r(x0, c))``, whatever the potential. Weights
+accumulate across scoring steps that do not resample (the reference code's adaptive branch
+dropped them, FK-Diffusion-Steering issue #12). With adaptive resampling each prompt decides on
+its own: prompts whose ESS is still high keep their weights and their particles.
 
-Bookkeeping is in log space, per prompt (``[P, K]``), and accumulates across scoring steps that do
-not resample. Non-finite rewards give zero weight. A prompt whose particles all have zero weight
-keeps uniform weights, and that is reported in the step's diagnostics.
+Resampling only helps if the transitions are stochastic (DDPM, DDIM η > 0, Euler-ancestral,
+SDE-DPM-Solver, stochastic flow sampling). With a deterministic sampler the copies of a particle
+stay identical, so FK warns once (``stochastic=`` overrides the detection).
+
+Weights are in log space (``weights.py``). Non-finite rewards give zero weight. A prompt whose
+particles all have zero weight falls back to uniform weights: that is reported in the step's
+diagnostics, and its normalising-constant estimate becomes NaN (undefined).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -36,39 +48,65 @@ from steerkit.schedulers import is_stochastic
 
 from . import potentials
 from .resampling import get_resampler
-from .weights import effective_sample_size, log_mean_weight, normalize
+from .weights import effective_sample_size, log_mean_weight, normalize, sanitize_log_increment
+
+__all__ = ["SELECT", "BestOfN", "FKSteering"]
 
 SELECT = ("best", "sample", "all")
+#: Default scoring steps, as fractions of the trajectory. Early x̂0 are blurry, so FK does not
+#: resample in the first fifth (the maintainers' advice in FK-Diffusion-Steering issue #14).
+DEFAULT_RESAMPLE_AT = (0.2, 0.4, 0.6, 0.8)
 
 
-def _check_lambda(lmbda: float) -> float:
-    if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not math.isfinite(lmbda) or lmbda < 0:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_lambda(lmbda: Any) -> float:
+    if isinstance(lmbda, bool) or not isinstance(lmbda, numbers.Real) or not math.isfinite(lmbda) or lmbda < 0:
         raise ValueError(f"lmbda must be a finite number ≥ 0, got {lmbda!r}")
     return float(lmbda)
 
 
 class _RewardHook(SteeringHook):
-    """Shared by FK and best-of-N: scoring decoded images with a registry reward."""
+    """Shared by FK and best-of-N: decoding and scoring particles, and choosing the rows to return."""
 
-    def __init__(self, reward: Any, select: str, seed: int):
+    def __init__(self, reward: Any, select: str, seed: int, decode_batch: int | None):
         from steerkit.rewards import get_reward
 
         if select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {select!r}")
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if decode_batch is not None and (not _is_int(decode_batch) or decode_batch < 1):
+            raise ValueError(f"decode_batch must be None or an integer ≥ 1, got {decode_batch!r}")
         self.reward = get_reward(reward)
         self.select_mode = select
-        self.seed = seed
+        self.seed = int(seed)
+        self.decode_batch = decode_batch
 
     def start(self, run: RunContext, state) -> None:
+        if len(run.prompts) != run.num_prompts:
+            raise ValueError(f"run.prompts has {len(run.prompts)} entries; expected one per prompt group ({run.num_prompts})")
         self.run = run
+        # The hook's own generator: resampling never consumes the pipeline's noise stream.
         self.generator = torch.Generator().manual_seed(self.seed)
         self.reward_calls = 0
+        self.images_scored = 0
+        # Row r belongs to group r // K; resampling never moves a row to another group, so this
+        # mapping holds for the whole run.
         self.row_prompts = [run.prompts[row // run.num_particles] for row in range(state.batch_size)]
 
     def score(self, latents: torch.Tensor) -> torch.Tensor:
+        """Rewards ``[P*K]`` (float64, CPU) of the decoded ``latents`` (x̂0 or final samples)."""
+        rows = latents.shape[0]
+        step = self.decode_batch or rows
         with torch.no_grad():
-            images = self.run.adapter.decode(latents)
+            images = torch.cat([self.run.adapter.decode(latents[i:i + step]) for i in range(0, rows, step)])
+        if images.shape[0] != rows:
+            raise ValueError(f"adapter.decode returned {images.shape[0]} images for {rows} latents")
         self.reward_calls += 1
+        self.images_scored += rows
         return self.reward.score(images, self.row_prompts).to(torch.float64).cpu()
 
     def _selection(self, state, final_rewards: torch.Tensor, final_log_weights: torch.Tensor) -> torch.Tensor | None:
@@ -77,7 +115,8 @@ class _RewardHook(SteeringHook):
         if self.select_mode == "all":
             return None
         if self.select_mode == "best":
-            masked = torch.where(torch.isfinite(final_rewards), final_rewards, torch.full_like(final_rewards, -math.inf))
+            # NaN would win an argmax; a particle we could not score is never "best".
+            masked = torch.where(torch.isnan(final_rewards), torch.full_like(final_rewards, -math.inf), final_rewards)
             local = masked.view(state.num_prompts, k).argmax(dim=1)
         else:
             normalized, _ = normalize(final_log_weights)
@@ -86,116 +125,196 @@ class _RewardHook(SteeringHook):
 
 
 class FKSteering(_RewardHook):
-    """Feynman–Kac steering with intermediate rewards on x̂0.
+    """Feynman–Kac steering toward ``p(x0 | c) · exp(λ r(x0, c))`` with rewards of x̂0.
 
     Args:
         reward: a registry spec (``"classifier:fashion"``, ``"0.5*brightness+contrast"``), a
-            ``Reward`` or a callable ``(images, prompts) -> [B]``.
-        lmbda: λ ≥ 0, the tilt ``exp(λ·r)``. It is relative to the reward's scale: λ·(spread of
-            rewards across particles) of a few units resamples decisively; λ = 0 is plain sampling.
-        potential: ``"difference"`` (default: in bench/fk it beat best-of-k at every k for both rewards,
-            where ``"max"`` did not), ``"max"``, ``"sum"`` or ``"immediate"``.
-        resampler: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"``, ``"residual"``.
-        resample_at: the scoring steps. Either step indices, fractions of the trajectory in (0, 1),
-            or ``(start, stop, every)``. Default: 20%, 40%, 60% and 80% of the steps.
-        ess_threshold: if given (τ ∈ (0, 1]), resample at a scoring step only when ESS < τ·K, and
-            otherwise accumulate the weights.
-        select: ``"best"`` (highest final reward per prompt), ``"sample"`` (weight-proportional draw)
-            or ``"all"`` (every particle; final weights in the diagnostics).
-        seed: seed of the resampling generator.
+            :class:`~steerkit.rewards.Reward`, or a callable ``(images [B, C, H, W] in [0, 1],
+            prompts) -> [B]``.
+        lmbda: λ ≥ 0, the tilt ``exp(λ·r)``. It is relative to the reward's scale: λ times the
+            spread of rewards across particles of a few units resamples decisively; λ = 0 is plain
+            sampling.
+        potential: ``"difference"`` (default: in bench/fk it beat best-of-k at every k for both
+            rewards, where ``"max"`` did not), ``"max"``, ``"sum"`` or ``"immediate"``
+            (see :mod:`~steerkit.smc.potentials`).
+        resampler: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"``, ``"residual"``,
+            or a callable ``(log_weights [P, K], generator) -> local ancestors [P, K]``.
+        resample_at: the scoring steps (0-based loop indices). A list of step indices, a list of
+            fractions of the trajectory in (0, 1) (fraction ``f`` is step ``⌊f·N⌋`` of ``N``), a
+            ``range``, or a tuple ``(start, stop, every)`` meaning ``start, start+every, …`` up to
+            and *including* ``stop``. Default: 20%, 40%, 60% and 80% of the steps. An empty list
+            never scores (plain sampling, then selection on the final reward).
+        ess_threshold: ``None`` (default) resamples at every scoring step. A value τ ∈ (0, 1]
+            resamples a prompt at a scoring step only when its ESS < τ·K, and otherwise carries its
+            weights forward.
+        select: ``"best"`` (highest final reward per prompt), ``"sample"`` (one particle drawn per
+            prompt in proportion to its final weight) or ``"all"`` (every particle; the final
+            weights are in the diagnostics).
+        seed: seed of the hook's own resampling generator.
+        stochastic: whether the sampler injects noise at each step. ``None`` detects it from the
+            scheduler and its step arguments (:func:`steerkit.schedulers.is_stochastic`), and FK
+            warns when it is deterministic; ``True`` silences the warning, ``False`` forces it.
+        decode_batch: most latents decoded per ``adapter.decode`` call (``None``: all at once).
+
+    Diagnostics: each scoring step's ``StepInfo.extras["fk"]`` has ``rewards`` (per row), ``ess``
+    (per prompt, after re-weighting), ``resampled``, ``resampled_prompts``, ``nonfinite_rewards``
+    and ``all_zero_weight_prompts``. The run's ``extras["fk"]`` has ``final_rewards``,
+    ``final_weights``, ``log_normalizer`` (per prompt, ``log Ẑ``), ``reward_calls``,
+    ``images_scored`` and the settings.
     """
 
     def __init__(self, reward: Any = "classifier:fashion", lmbda: float = 10.0, potential: str = "difference",
-                 resampler: str = "systematic", resample_at: Sequence[float] | tuple[int, int, int] | None = None,
-                 ess_threshold: float | None = None, select: str = "best", seed: int = 0):
-        super().__init__(reward, select, seed)
-        self.lmbda = _check_lambda(lmbda)
+                 resampler: Any = "systematic", resample_at: Any = None, ess_threshold: float | None = None,
+                 select: str = "best", seed: int = 0, stochastic: bool | None = None,
+                 decode_batch: int | None = None):
         if potential not in potentials.POTENTIALS:
             raise ValueError(f"unknown potential {potential!r}; valid: {list(potentials.POTENTIALS)}")
-        self.potential = potential
-        self.resampler_name = resampler
+        self.lmbda = _check_lambda(lmbda)
+        self.resampler_name = resampler if isinstance(resampler, str) else getattr(resampler, "__name__", "custom")
         self.resampler = get_resampler(resampler)
-        if ess_threshold is not None and not (isinstance(ess_threshold, (int, float)) and 0 < ess_threshold <= 1):
-            raise ValueError(f"ess_threshold must be in (0, 1], got {ess_threshold!r}")
-        self.ess_threshold = ess_threshold
+        if ess_threshold is not None and (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, numbers.Real)
+                                          or not 0 < ess_threshold <= 1):
+            raise ValueError(f"ess_threshold must be None or in (0, 1], got {ess_threshold!r}")
+        if stochastic is not None and not isinstance(stochastic, bool):
+            raise ValueError(f"stochastic must be None, True or False, got {stochastic!r}")
+        self.potential = potential
+        self.ess_threshold = None if ess_threshold is None else float(ess_threshold)
         self.resample_at = resample_at
+        self.stochastic = stochastic
+        self._check_resample_at()
+        self._warned = False
+        super().__init__(reward, select, seed, decode_batch)
+
+    # --- when to score and resample ------------------------------------------------------------
+    def _check_resample_at(self) -> None:
+        """What can be checked before the number of steps is known (types, signs, fractions)."""
+        spec = self.resample_at
+        if spec is None or isinstance(spec, range):
+            return
+        if isinstance(spec, tuple) and len(spec) == 3 and all(_is_int(v) for v in spec):
+            start, stop, every = spec
+            if every < 1 or start < 0 or stop < start:
+                raise ValueError(f"resample_at (start, stop, every) needs 0 ≤ start ≤ stop and every ≥ 1, got {spec}")
+            return
+        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+            raise ValueError(f"resample_at must be a list of steps or fractions, a range, or (start, stop, every); got {spec!r}")
+        for value in spec:
+            if _is_int(value):
+                if value < 0:
+                    raise ValueError(f"resample_at steps must be ≥ 0, got {value}")
+            elif not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < 1):
+                raise ValueError(f"resample_at entries are step indices or fractions in (0, 1), got {value!r}")
 
     def scoring_steps(self, num_steps: int) -> list[int]:
-        spec = self.resample_at
-        if spec is None:
-            spec = [0.2, 0.4, 0.6, 0.8]
-        if isinstance(spec, tuple) and len(spec) == 3 and all(isinstance(v, int) for v in spec):
-            start, stop, every = spec
-            if every < 1:
-                raise ValueError(f"resample_at (start, stop, every): every must be ≥ 1, got {every}")
+        """The sorted loop indices at which FK scores particles, for a run of ``num_steps`` steps.
+
+        Raises:
+            ValueError: if a step falls outside ``[0, num_steps)``.
+        """
+        spec = DEFAULT_RESAMPLE_AT if self.resample_at is None else self.resample_at
+        if isinstance(spec, range):
+            steps = list(spec)
+        elif isinstance(spec, tuple) and len(spec) == 3 and all(_is_int(v) for v in spec):
+            start, stop, every = (int(v) for v in spec)
             steps = list(range(start, stop + 1, every))
         else:
-            steps = []
-            for value in spec:
-                if isinstance(value, float) and 0 < value < 1:
-                    steps.append(round(value * num_steps))
-                elif isinstance(value, int) and not isinstance(value, bool):
-                    steps.append(value)
-                else:
-                    raise ValueError(f"resample_at entries are step indices or fractions in (0, 1), got {value!r}")
-        bad = [s for s in steps if not 0 <= s < num_steps]
+            # A tiny epsilon so that 0.29·100 (= 28.999…) is step 29, not 28.
+            steps = [int(v) if _is_int(v) else math.floor(float(v) * num_steps + 1e-9) for v in spec]
+        bad = sorted({s for s in steps if not 0 <= s < num_steps})
         if bad:
             raise ValueError(f"resample_at steps {bad} are outside the trajectory [0, {num_steps})")
         return sorted(set(steps))
 
+    # --- the hook ------------------------------------------------------------------------------
     def start(self, run: RunContext, state) -> None:
         super().start(run, state)
         self.steps = set(self.scoring_steps(run.num_steps))
         potentials.init_stats(state.stats, state.batch_size, self.potential)
         self.log_normalizer = torch.zeros(state.num_prompts, dtype=torch.float64)
-        if run.num_particles > 1 and run.scheduler is not None and not is_stochastic(run.scheduler, run.step_kwargs):
+        self.ever_degenerate = torch.zeros(state.num_prompts, dtype=torch.bool)
+        self.resampled_steps: list[int] = []
+        stochastic = self.stochastic
+        if stochastic is None:
+            stochastic = run.scheduler is None or is_stochastic(run.scheduler, run.step_kwargs)
+        self.sampler_is_stochastic = stochastic
+        if not stochastic and run.num_particles > 1 and self.steps and not self._warned:
+            self._warned = True
             warnings.warn(
-                f"FK steering with a deterministic sampler ({type(run.scheduler).__name__}): resampled particles "
-                "stay identical copies. Use a stochastic one (DDPM, DDIM with eta>0, Euler-ancestral, "
-                "FlowMatchEuler with stochastic_sampling=True).", stacklevel=4)
+                f"FK steering with a deterministic sampler ({type(run.scheduler).__name__}"
+                f"{'' if self.stochastic is None else ', stochastic=False'}): resampled particles stay identical "
+                "copies. Use a stochastic one (DDPM, DDIM with eta>0, Euler-ancestral, FlowMatchEuler with "
+                "stochastic_sampling=True), or pass stochastic=True if this one is.", UserWarning, stacklevel=2)
 
     def _reweight(self, state, rewards: torch.Tensor, terminal: bool) -> torch.Tensor:
+        """Add this step's log-potential to the weights; returns which rewards were finite."""
         finite = torch.isfinite(rewards)
+        # The potentials' history must stay finite, so a non-finite reward enters it as 0; the
+        # particle's weight is zero anyway (sanitize_log_increment), so the value never matters
+        # unless the whole prompt is degenerate and falls back to uniform weights.
         safe = torch.where(finite, rewards, torch.zeros_like(rewards))
         if terminal:
             increment = potentials.terminal_increment(self.lmbda, safe, state.stats)
         else:
             increment = potentials.log_increment(self.potential, self.lmbda, safe, state.stats)
-        increment = torch.where(finite, increment, torch.full_like(increment, -math.inf))
-        state.log_weights = state.log_weights + increment.view(state.num_prompts, state.num_particles)
-        return finite
+        increment = sanitize_log_increment(torch.where(finite, increment, torch.full_like(increment, math.nan)))
+        log_weights = state.log_weights.to(torch.float64) + increment.view(state.num_prompts, state.num_particles)
+        # Uniform fallback: a prompt with no particle left keeps uniform weights (and is reported).
+        degenerate = torch.isneginf(log_weights).all(dim=1)
+        state.log_weights = torch.where(degenerate[:, None], torch.zeros_like(log_weights), log_weights)
+        self.ever_degenerate |= degenerate
+        return degenerate
 
     def on_step(self, ctx, state, info) -> torch.Tensor | None:
         if ctx.step not in self.steps:
             return None
+        if state.x0_hat is None:
+            raise RuntimeError("FKSteering needs state.x0_hat at its scoring steps (the loop computes it when needs_x0)")
         rewards = self.score(state.x0_hat)
-        finite = self._reweight(state, rewards, terminal=False)
+        degenerate = self._reweight(state, rewards, terminal=False)
         ess = effective_sample_size(state.log_weights)
-        _, degenerate = normalize(state.log_weights)
-        k = state.num_particles
-        due = self.ess_threshold is None or bool((ess < self.ess_threshold * k).any())
-        info.extras["fk"] = {"rewards": rewards.tolist(), "ess": ess.tolist(), "resampled": False,
-                             "nonfinite_rewards": int((~finite).sum()), "all_zero_weight_prompts": degenerate.nonzero().flatten().tolist()}
-        if not due or k == 1:
+        p, k = state.num_prompts, state.num_particles
+        if k == 1:
+            due = torch.zeros(p, dtype=torch.bool)
+        elif self.ess_threshold is None:
+            due = torch.ones(p, dtype=torch.bool)
+        else:
+            due = ess < self.ess_threshold * k
+        extras = {"rewards": rewards.tolist(), "ess": ess.tolist(), "resampled": bool(due.any()),
+                  "resampled_prompts": due.nonzero().flatten().tolist(),
+                  "nonfinite_rewards": int((~torch.isfinite(rewards)).sum()),
+                  "all_zero_weight_prompts": degenerate.nonzero().flatten().tolist()}
+        info.extras["fk"] = extras
+        if not bool(due.any()):
             return None
-        self.log_normalizer += log_mean_weight(torch.where(degenerate[:, None], torch.zeros_like(state.log_weights), state.log_weights))
-        local = self.resampler(state.log_weights, self.generator)
-        ancestors = (local + torch.arange(state.num_prompts)[:, None] * k).reshape(-1)
-        state.log_weights = torch.zeros_like(state.log_weights)
-        info.extras["fk"]["resampled"] = True
-        return ancestors
+        self.log_normalizer = torch.where(due, self.log_normalizer + log_mean_weight(state.log_weights), self.log_normalizer)
+        local = self.resampler(state.log_weights, self.generator).to("cpu", torch.int64)
+        if tuple(local.shape) != (p, k):
+            raise ValueError(f"resampler {self.resampler_name!r} returned shape {tuple(local.shape)}; expected ({p}, {k})")
+        # Prompts that are not due keep their particles (identity ancestors) and their weights.
+        local = torch.where(due[:, None], local, torch.arange(k).expand(p, k))
+        state.log_weights = torch.where(due[:, None], torch.zeros_like(state.log_weights), state.log_weights)
+        self.resampled_steps.append(ctx.step)
+        # The loop re-indexes latents, x̂0, log-weights, stats (the potentials' history), the
+        # conditioning and the scheduler's solver history with these rows.
+        return (local + torch.arange(p)[:, None] * k).reshape(-1)
 
     def finish(self, state, info: dict[str, Any]) -> None:
         self.final_rewards = self.score(state.latents)
         self._reweight(state, self.final_rewards, terminal=True)
-        self.log_normalizer += log_mean_weight(state.log_weights)
-        normalized, degenerate = normalize(state.log_weights)
+        self.log_normalizer = self.log_normalizer + log_mean_weight(state.log_weights)
+        # After a uniform fallback the estimate no longer estimates anything.
+        self.log_normalizer = torch.where(self.ever_degenerate, torch.full_like(self.log_normalizer, math.nan),
+                                          self.log_normalizer)
+        normalized, _ = normalize(state.log_weights)
         self.final_log_weights = normalized
         info["fk"] = {
             "final_rewards": self.final_rewards.tolist(), "final_weights": normalized.exp().tolist(),
             "log_normalizer": self.log_normalizer.tolist(), "reward_calls": self.reward_calls,
-            "potential": self.potential, "lambda": self.lmbda, "resampler": self.resampler_name,
-            "scoring_steps": sorted(self.steps), "all_zero_weight_prompts": degenerate.nonzero().flatten().tolist(),
+            "images_scored": self.images_scored, "potential": self.potential, "lambda": self.lmbda,
+            "resampler": self.resampler_name, "scoring_steps": sorted(self.steps),
+            "resampled_steps": list(self.resampled_steps), "ess_threshold": self.ess_threshold,
+            "stochastic_sampler": self.sampler_is_stochastic,
+            "all_zero_weight_prompts": self.ever_degenerate.nonzero().flatten().tolist(),
         }
 
     def select(self, state) -> torch.Tensor | None:
@@ -203,16 +322,29 @@ class FKSteering(_RewardHook):
 
 
 class BestOfN(_RewardHook):
-    """K independent samples per prompt; return the one with the highest final reward."""
+    """Best-of-N: ``K`` independent samples per prompt, keep the one with the highest final reward.
+
+    The baseline FK must beat at equal cost: the same ``K`` particles and the same NFEs, one reward
+    call at the end instead of one per scoring step.
+
+    Args:
+        reward: as for :class:`FKSteering`.
+        select: ``"best"`` (default), ``"sample"`` (a uniformly random particle: plain sampling with
+            the reward computed) or ``"all"``.
+        seed: seed of the generator used by ``select="sample"``.
+        decode_batch: most latents decoded per ``adapter.decode`` call.
+    """
 
     needs_x0 = False
 
-    def __init__(self, reward: Any = "classifier:fashion", select: str = "best", seed: int = 0):
-        super().__init__(reward, select, seed)
+    def __init__(self, reward: Any = "classifier:fashion", select: str = "best", seed: int = 0,
+                 decode_batch: int | None = None):
+        super().__init__(reward, select, seed, decode_batch)
 
     def finish(self, state, info: dict[str, Any]) -> None:
         self.final_rewards = self.score(state.latents)
-        info["best_of_n"] = {"final_rewards": self.final_rewards.tolist(), "reward_calls": self.reward_calls}
+        info["best_of_n"] = {"final_rewards": self.final_rewards.tolist(), "reward_calls": self.reward_calls,
+                             "images_scored": self.images_scored}
 
     def select(self, state) -> torch.Tensor | None:
         uniform = torch.zeros(state.num_prompts, state.num_particles, dtype=torch.float64)

@@ -6,8 +6,8 @@ particle's weight by ``G_t`` at the scoring steps. A terminal correction makes t
 rewards, so every potential targets the same distribution. They differ in how early they favour
 particles:
 
-- ``difference``: ``log G_t = λ (r_t − r_prev)``. It rewards improvement, and the product
-  telescopes.
+- ``difference``: ``log G_t = λ (r_t − r_prev)``, with ``r_prev = 0`` before the first scoring
+  step. It rewards improvement, and the product telescopes.
 - ``max``: ``log G_t = λ · max(r_1..r_t)``.
 - ``sum``: ``log G_t = λ · (r_1 + … + r_t)``.
 - ``immediate``: ``log G_t = λ · r_t``.
@@ -29,13 +29,20 @@ LAST, RUNNING, ACCUMULATED = "fk_last", "fk_running", "fk_log_potential"
 
 
 def init_stats(stats: dict, rows: int, potential: str) -> None:
+    """Add the per-row statistics a potential needs to ``stats`` (``state.stats``): zero history."""
+    if potential not in POTENTIALS:
+        raise ValueError(f"unknown potential {potential!r}; valid: {list(POTENTIALS)}")
     stats[LAST] = torch.zeros(rows, dtype=torch.float64)
     stats[RUNNING] = torch.full((rows,), -math.inf if potential == "max" else 0.0, dtype=torch.float64)
     stats[ACCUMULATED] = torch.zeros(rows, dtype=torch.float64)
 
 
 def log_increment(potential: str, lmbda: float, reward: torch.Tensor, stats: dict) -> torch.Tensor:
-    """``log G_t`` per row for rewards ``reward`` (float64, finite), updating ``stats`` (new tensors)."""
+    """``log G_t`` per row for this step's rewards ``[P*K]`` (finite), given each row's history.
+
+    Updates ``stats`` by assigning new tensors (the previous ones are not written into), so a
+    lineage's history is whatever the loop re-indexed into its row at the last resampling.
+    """
     reward = reward.to(torch.float64)
     if potential == "difference":
         increment = lmbda * (reward - stats[LAST])
@@ -55,7 +62,11 @@ def log_increment(potential: str, lmbda: float, reward: torch.Tensor, stats: dic
 
 
 def terminal_increment(lmbda: float, final_reward: torch.Tensor, stats: dict) -> torch.Tensor:
-    """The last factor: makes the lineage product ``exp(λ r(x0))`` for every potential."""
+    """The last factor, ``λ r(x0) − Σ log G``: makes every lineage's product exactly ``exp(λ r(x0))``.
+
+    For ``difference`` it equals ``λ (r(x0) − r_last)``, the potential's own formula (the sum
+    telescopes); for the others it removes the over-counting of the intermediate tilts.
+    """
     increment = lmbda * final_reward.to(torch.float64) - stats[ACCUMULATED]
     stats[ACCUMULATED] = stats[ACCUMULATED] + increment
     return increment
