@@ -1,23 +1,34 @@
 """The reward convention every method uses.
 
-``reward(images, prompts) -> FloatTensor [B]``. Here ``images`` is ``[B, C, H, W]`` float in [0, 1]
-on the model's device, and ``prompts`` has one entry per image: a text prompt, or a class name or
-id for class-conditional models. Higher is better. A reward declares its input space, a preferred
-resolution (``None``: any), and the batch size it can take in one call. :meth:`Reward.score`
-chunks by that batch size and checks the output shape. It does not check finiteness: what to do
-with NaN/inf is the calling method's policy (FK gives such particles zero weight).
+``reward.score(images, prompts) -> FloatTensor [B]``. Here ``images`` is ``[B, C, H, W]`` float in
+[0, 1] on the model's device, and ``prompts`` has one entry per image: a text prompt, or a class
+name or id for class-conditional models. Higher is better.
+
+A reward subclass implements :meth:`Reward.__call__` on one chunk and declares:
+
+- ``input_space``: what it reads; ``"pixels"`` (decoded images in [0, 1]) for every reward here;
+- ``resolution``: the square size it wants (images are resized, antialiased, before the call), or
+  ``None`` for any size;
+- ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches.
+
+:meth:`Reward.score` chunks, calls, and checks the output shape, raising a ``ValueError`` that
+names the reward. It does not check finiteness: what to do with NaN/inf is the calling method's
+policy (FK gives such particles zero weight).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+__all__ = ["CallableReward", "Reward", "WeightedSum"]
+
 
 class Reward:
-    """Base class: subclasses implement :meth:`__call__` on one chunk."""
+    """Base class: subclasses implement :meth:`__call__` on one chunk; methods call :meth:`score`."""
 
     name: str = "reward"
     input_space: str = "pixels"  # images in [0, 1]
@@ -25,48 +36,93 @@ class Reward:
     batch_size: int = 64
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        """Rewards ``[b]`` of one chunk of at most :attr:`batch_size` images."""
         raise NotImplementedError
 
     def score(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
-        """Rewards ``[B]`` (float32), computed in chunks of :attr:`batch_size`."""
+        """Rewards ``[B]`` (float32, on the device the reward returns them), in chunks of :attr:`batch_size`.
+
+        Raises:
+            ValueError: if ``images`` is not ``[B, C, H, W]``, the number of prompts is not ``B``,
+                or the reward returns anything but one value per image.
+        """
+        if not isinstance(images, torch.Tensor) or images.ndim < 1:
+            raise ValueError(f"reward {self.name!r}: images must be a [B, C, H, W] tensor, got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        prompts = list(prompts)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
+        batch_size = self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"reward {self.name!r}: batch_size must be an integer ≥ 1, got {batch_size!r}")
+        if images.shape[0] == 0:
+            return torch.zeros(0)
+        if self.resolution is not None and images.ndim != 4:
+            raise ValueError(f"reward {self.name!r} resizes to {self.resolution}×{self.resolution}: images must be "
+                             f"[B, C, H, W], got {tuple(images.shape)}")
         if self.resolution is not None and tuple(images.shape[-2:]) != (self.resolution, self.resolution):
-            images = torch.nn.functional.interpolate(images, size=(self.resolution,) * 2, mode="bilinear",
+            images = torch.nn.functional.interpolate(images.float(), size=(self.resolution,) * 2, mode="bilinear",
                                                      align_corners=False, antialias=True)
         outputs = []
-        for start in range(0, images.shape[0], self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            out = self(chunk, list(prompts[start:start + self.batch_size]))
-            out = torch.as_tensor(out)
-            if out.shape != (chunk.shape[0],):
-                raise ValueError(
-                    f"reward {self.name!r} returned shape {tuple(out.shape)} for {chunk.shape[0]} images; expected ({chunk.shape[0]},)"
-                )
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start:start + batch_size]
+            out = torch.as_tensor(self(chunk, prompts[start:start + batch_size]))
+            if tuple(out.shape) != (chunk.shape[0],):
+                raise ValueError(f"reward {self.name!r} returned shape {tuple(out.shape)} for {chunk.shape[0]} "
+                                 f"images; expected ({chunk.shape[0]},)")
             outputs.append(out.float())
-        return torch.cat(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat([o.to(outputs[0].device) for o in outputs])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
 
 
 class CallableReward(Reward):
-    """Wrap any ``f(images, prompts) -> [B]`` callable."""
+    """Wrap any ``f(images, prompts) -> [B]`` callable as a :class:`Reward`."""
 
     def __init__(self, function: Callable[..., torch.Tensor], name: str | None = None, batch_size: int = 64):
         self.function, self.batch_size = function, batch_size
-        self.name = name or getattr(function, "__name__", "callable")
+        self.name = name or getattr(function, "__name__", type(function).__name__)
 
     def __call__(self, images, prompts):
         return self.function(images, prompts)
 
 
 class WeightedSum(Reward):
-    """``Σ wᵢ · rewardᵢ``."""
+    """``Σ wᵢ · rewardᵢ`` (weights may be negative: ``-1*brightness`` prefers dark images).
+
+    Each term is scored with its own :meth:`Reward.score`, so it keeps its own resolution and
+    chunking; the terms' outputs are summed on the images' device.
+    """
 
     def __init__(self, terms: Sequence[tuple[float, Reward]]):
         if not terms:
             raise ValueError("a weighted sum of rewards needs at least one term")
-        self.terms = list(terms)
-        self.name = "+".join(f"{w:g}*{r.name}" for w, r in self.terms)
-        self.batch_size = min(r.batch_size for _, r in self.terms)
+        for weight, reward in terms:
+            if not isinstance(reward, Reward):
+                raise TypeError(f"weighted sum terms are (weight, Reward) pairs, got {type(reward).__name__}")
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+                raise TypeError(f"weighted sum weights are numbers, got {weight!r}")
+        self.terms = [(float(w), r) for w, r in terms]
+        self.name = _format_sum(self.terms)
+        # The terms chunk themselves; the sum only has to pass each of them whole batches.
+        self.batch_size = 1 << 30
 
     def __call__(self, images, prompts):
-        return sum(w * r.score(images, prompts) for w, r in self.terms)
+        total = torch.zeros(images.shape[0], device=images.device)
+        for weight, reward in self.terms:
+            total = total + weight * reward.score(images, prompts).to(images.device)
+        return total
+
+
+def _format_sum(terms: Sequence[tuple[float, Reward]]) -> str:
+    """``"0.7*a + 0.3*b - c"``: readable, and parsed back to the same sum by the registry."""
+    text = ""
+    for weight, reward in terms:
+        magnitude = abs(weight)
+        term = reward.name if magnitude == 1 else f"{magnitude:g}*{reward.name}"
+        if not text:
+            text = term if weight >= 0 else f"-{term}"
+        else:
+            text += f" {'-' if weight < 0 else '+'} {term}"
+    return text

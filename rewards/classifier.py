@@ -1,57 +1,115 @@
-"""Classifier rewards: the log-probability of the target class (the prompt names it)."""
+"""Classifier rewards: ``log p(target class | image)``, where the prompt names the target class.
+
+The reward is a log-probability, so it is ≤ 0, and a λ of a few units already separates an image
+the classifier is sure about (≈ 0) from one it rejects (≈ −5 or lower). ``"classifier:fashion"``
+(or just ``"classifier"``) is the bundled Fashion-MNIST classifier; ``"classifier:/some/dir"``
+loads a saved :class:`~steerkit.zoo.classifier.FashionClassifier` from that directory (local files
+only). Both load when the spec is resolved, not when this module is imported.
+"""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from .base import Reward
 
+__all__ = ["ClassifierReward", "load_classifier_reward"]
+
 
 class ClassifierReward(Reward):
-    """``log p(class | image)`` under an image classifier used in inference mode only.
+    """``log p(class | image)`` under an image classifier, used in inference mode only.
 
     Args:
-        model: maps images (in ``input_range``) to logits ``[B, num_classes]``.
-        class_names: names of the classes, matched case-insensitively to the prompts.
-        input_range: the value range the classifier expects (``(-1, 1)`` for the bundled one).
+        model: maps images in ``input_range`` to logits ``[B, num_classes]``.
+        class_names: the classes' names, matched case-insensitively to the prompts. A prompt may
+            also be a class id: an integer (Python, NumPy or a 0-d tensor) or a string of digits.
+        input_range: the value range the classifier expects (``(-1, 1)`` for the bundled one);
+            images in [0, 1] are mapped to it linearly.
+        resolution: the square size the classifier was trained at (images are resized to it), or
+            ``None`` to pass images at their own size.
+        channels: the number of colour channels the classifier takes (``None``: as given). With 1,
+            RGB images are averaged to grey; with 3, grey images are repeated.
+        follow_device: move the model to the images' device on first use. The registry sets it
+            for the models it loads itself; a model you pass stays where you put it (images are
+            moved to it instead).
     """
 
     name = "classifier"
     batch_size = 512
 
-    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], input_range: tuple[float, float] = (-1.0, 1.0)):
+    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], input_range: tuple[float, float] = (-1.0, 1.0),
+                 resolution: int | None = None, channels: int | None = None, follow_device: bool = False):
+        self.class_names = [str(name) for name in class_names]
+        if not self.class_names:
+            raise ValueError("classifier reward: class_names is empty")
+        self._index = {n.strip().lower(): i for i, n in enumerate(self.class_names)}
+        if len(self._index) != len(self.class_names):
+            raise ValueError(f"classifier reward: class names are not unique ignoring case: {self.class_names}")
+        low, high = (float(v) for v in input_range)
+        if not high > low:
+            raise ValueError(f"classifier reward: input_range must be (low, high) with high > low, got {input_range!r}")
         self.model = model.eval()
-        self.class_names = list(class_names)
-        self._index = {n.lower(): i for i, n in enumerate(self.class_names)}
-        self.low, self.high = input_range
+        self.low, self.high = low, high
+        if channels not in (None, 1, 3):
+            raise ValueError(f"classifier reward: channels must be None, 1 or 3, got {channels!r}")
+        self.resolution = resolution
+        self.channels = channels
+        self.follow_device = follow_device
 
     def class_ids(self, prompts: Sequence[object]) -> torch.Tensor:
+        """Class ids ``[B]`` of the prompts (names, ids, or digit strings)."""
         ids = []
         for prompt in prompts:
-            if isinstance(prompt, int) and not isinstance(prompt, bool) and 0 <= prompt < len(self.class_names):
-                ids.append(prompt)
+            if isinstance(prompt, torch.Tensor) and prompt.numel() == 1 and not prompt.is_floating_point():
+                prompt = int(prompt.item())
+            if isinstance(prompt, numbers.Integral) and not isinstance(prompt, bool):
+                if not 0 <= int(prompt) < len(self.class_names):
+                    raise ValueError(f"classifier reward: class id {int(prompt)} is outside [0, {len(self.class_names)})")
+                ids.append(int(prompt))
                 continue
             key = str(prompt).strip().lower()
-            if key.isdigit() and int(key) < len(self.class_names):
-                ids.append(int(key))
-            elif key in self._index:
+            if key in self._index:
                 ids.append(self._index[key])
+            elif key.isdigit() and int(key) < len(self.class_names):
+                ids.append(int(key))
             else:
                 raise ValueError(f"classifier reward: {prompt!r} is not one of its classes {self.class_names}")
-        return torch.tensor(ids)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _device(self, images: torch.Tensor) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else images.device
+        if self.follow_device and device != images.device:
+            self.model.to(images.device)
+            device = images.device
+        return device
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        device = next(self.model.parameters()).device
-        x = images.to(device, torch.float32) * (self.high - self.low) + self.low
-        log_probs = torch.log_softmax(self.model(x).float(), dim=1)
-        return log_probs.gather(1, self.class_ids(prompts).to(device)[:, None]).squeeze(1).cpu()
+        targets = self.class_ids(prompts)  # before the forward pass: bad prompts fail fast
+        device = self._device(images)
+        x = images.to(device, torch.float32)
+        if self.channels == 1 and x.shape[1] == 3:
+            x = x.mean(dim=1, keepdim=True)
+        elif self.channels == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = x * (self.high - self.low) + self.low
+        logits = self.model(x)
+        if logits.ndim != 2 or logits.shape != (images.shape[0], len(self.class_names)):
+            raise ValueError(f"classifier reward: the model returned shape {tuple(logits.shape)}; expected "
+                             f"({images.shape[0]}, {len(self.class_names)}) logits, one per class name")
+        log_probs = torch.log_softmax(logits.float(), dim=1)
+        return log_probs.gather(1, targets.to(device)[:, None]).squeeze(1)
 
 
-def load_classifier_reward(spec: str = "fashion", device: str = "cpu") -> ClassifierReward:
-    """``"fashion"`` → the bundled Fashion-MNIST classifier; a path → a saved ``FashionClassifier``."""
+def load_classifier_reward(spec: str = "fashion", device: str | torch.device = "cpu") -> ClassifierReward:
+    """``"fashion"`` → the bundled Fashion-MNIST classifier; a directory → a saved ``FashionClassifier``.
+
+    The model follows the images to their device on first use.
+    """
     from steerkit.zoo.classifier import FashionClassifier
 
     if spec in ("", "fashion", "fashion-classifier"):
@@ -59,5 +117,14 @@ def load_classifier_reward(spec: str = "fashion", device: str = "cpu") -> Classi
 
         model = load_fashion_classifier(device)
     else:
-        model = FashionClassifier.from_pretrained(spec, local_files_only=True).to(device).eval()
-    return ClassifierReward(model, model.class_names, input_range=(-1.0, 1.0))
+        try:
+            model = FashionClassifier.from_pretrained(spec, local_files_only=True)
+        except (OSError, ValueError) as error:  # diffusers raises OSError for a missing directory
+            raise ValueError(
+                f"classifier reward: cannot load a FashionClassifier from {spec!r} (local files only; "
+                f"'classifier:fashion' is the bundled one): {str(error).splitlines()[0]}"
+            ) from None
+        model = model.to(device).eval()
+    # Trained on 32×32 Fashion-MNIST (28×28 padded) in [-1, 1].
+    return ClassifierReward(model, model.class_names, input_range=(-1.0, 1.0), resolution=32, channels=1,
+                            follow_device=True)
