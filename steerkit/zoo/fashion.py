@@ -7,14 +7,18 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED_MODELS = ("fashion-flow", "fashion-ddpm", "fashion-classifier")
+# Name → directory. A mapping, so that callers can list the models and find them without a lookup
+# call; paths are resolved here once, relative to the installed package, never to the working directory.
+BUNDLED_MODELS: dict[str, Path] = {
+    name: WEIGHTS_DIR / name for name in ("fashion-flow", "fashion-ddpm", "fashion-classifier")
+}
 
 
 def bundled_model_path(name: str) -> Path:
     """Directory of a bundled model (``fashion-flow``, ``fashion-ddpm``, ``fashion-classifier``)."""
     if name not in BUNDLED_MODELS:
         raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
-    path = WEIGHTS_DIR / name
+    path = BUNDLED_MODELS[name]
     if not path.is_dir():
         raise FileNotFoundError(
             f"bundled model {name!r} is missing at {path}; reinstall steerkit, or retrain it with "
@@ -25,7 +29,11 @@ def bundled_model_path(name: str) -> Path:
 
 def load_fashion_pipeline(name: str = "fashion-flow", device: str | torch.device = "cpu",
                           torch_dtype: torch.dtype = torch.float32):
-    """The steered class-conditional pipeline of a bundled generative model."""
+    """The steered class-conditional pipeline of a bundled generative model.
+
+    The steered subclass behaves exactly like ``ClassConditionalUNetPipeline`` when no steering
+    argument is passed, so one loader serves plain sampling and steering alike.
+    """
     from steerkit.pipelines.class_conditional import SteeredClassConditionalUNetPipeline
 
     if name == "fashion-classifier":
