@@ -68,6 +68,16 @@ class Adapter:
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
+        """Conditional-branch inputs for other conditions, one row per label (GFCG's reference
+        classes): class ids or names for class-conditional models, prompts for text models.
+        Only the keys that depend on the condition; the loop copies the rest from the row."""
+        raise NotImplementedError(f"{type(self).__name__} cannot build reference conditioning (GFCG) yet")
+
+    def model_labels(self) -> list[str] | None:
+        """The model's class names in id order, for class-conditional models (``None`` for text models)."""
+        return None
+
     # --- output -------------------------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """x̂0 latents → images in [0, 1], ``[B, C, H, W]`` float32 (for rewards)."""
@@ -171,6 +181,11 @@ class SteeredMixin:
         )
         callback = _stock_callback(self, call)
         prepare_s = time.perf_counter() - started
+        # Methods load their models and check their inputs here, before the progress bar opens, so
+        # that a bad argument is one clean error rather than an error under a half-drawn bar.
+        guidance.start_run(run, state)
+        for hook in hooks:
+            hook.start(run, state)
         with self.progress_bar(total=len(prepared.timesteps)) as progress:
             state, trace = denoise(
                 adapter,
@@ -182,7 +197,6 @@ class SteeredMixin:
                 hooks=hooks,
                 step_kwargs=prepared.step_kwargs,
                 max_batch=max_batch,
-                run=run,
                 callback=callback,
                 progress_bar=progress,
             )
@@ -218,6 +232,7 @@ def bind_call(pipe: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str,
     if extra:
         raise TypeError(f"{type(pipe).__name__}.__call__ got unsupported arguments: {sorted(extra)}")
     adapter = type(pipe).adapter_class(pipe)
+    adapter.call = call
     adapter.check_call(call, {k: p.default for k, p in signature.parameters.items()})
     return call, adapter
 

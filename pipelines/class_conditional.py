@@ -189,6 +189,14 @@ class ClassConditionalUNetAdapter(Adapter):
             prompts=groups,
         )
 
+    def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
+        ids = self.pipe.get_label_ids(list(labels))
+        return {"class_labels": torch.tensor(ids, device=self.pipe._execution_device)}
+
+    def model_labels(self) -> list[str]:
+        id2label = self.pipe.config.get("id2label") or {}
+        return [id2label.get(str(i), str(i)) for i in range(self.pipe.num_classes)]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return self.pipe.unet(x, t, class_labels=inputs["class_labels"], return_dict=False)[0]
 

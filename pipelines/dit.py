@@ -67,6 +67,16 @@ class DiTAdapter(Adapter):
             prompts=[labels[i] for i in range(len(ids))],
         )
 
+    def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
+        ids = [self.pipe.get_label_ids(label)[0] if isinstance(label, str) else int(label) for label in labels]
+        return {"class_labels": torch.tensor(ids, device=self.pipe._execution_device)}
+
+    def model_labels(self) -> list[str]:
+        names: dict[int, str] = {}
+        for name, i in (getattr(self.pipe, "labels", None) or {}).items():
+            names.setdefault(int(i), name)
+        return [names.get(i, str(i)) for i in range(NULL_CLASS)]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         timesteps = (t[None] if t.ndim == 0 else t).to(x.device).expand(x.shape[0])
         out = self.pipe.transformer(x, timestep=timesteps, class_labels=inputs["class_labels"]).sample

@@ -108,6 +108,10 @@ class StableDiffusionAdapter(Adapter):
             prompts=group_prompts(call["prompt"], batch_size, call["num_images_per_prompt"]),
         )
 
+    def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
+        embeds, _ = self.pipe.encode_prompt([str(label) for label in labels], self.pipe._execution_device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return self.pipe.unet(
             x,

@@ -84,6 +84,14 @@ class StableDiffusion3Adapter(Adapter):
             prompts=group_prompts(call["prompt"], batch_size, call["num_images_per_prompt"]),
         )
 
+    def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=[str(label) for label in labels], prompt_2=None, prompt_3=None,
+            device=self.pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=self.call["max_sequence_length"],
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return self.pipe.transformer(
             hidden_states=x,

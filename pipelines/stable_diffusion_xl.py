@@ -89,6 +89,13 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             }
         return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
 
+    def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=[str(label) for label in labels], device=self.pipe._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
     def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
 

@@ -88,34 +88,50 @@ class ClassifierReward(Reward):
         return device
 
     @torch.no_grad()
+    def class_log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """``log p(class | image)`` for every class, ``[B, num_classes]`` in :attr:`class_names` order.
+
+        Images in [0, 1] at any size (resized to :attr:`resolution`). GFCG reads the whole
+        distribution (target and reference class) from this one forward pass.
+        """
+        if self.resolution is not None and tuple(images.shape[-2:]) != (self.resolution, self.resolution):
+            images = torch.nn.functional.interpolate(images.float(), size=(self.resolution,) * 2, mode="bilinear",
+                                                     align_corners=False, antialias=True)
+        device = self._device(images)
+        outputs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            x = images[start:start + self.batch_size].to(device, torch.float32)
+            if self.channels == 1 and x.shape[1] == 3:
+                x = x.mean(dim=1, keepdim=True)
+            elif self.channels == 3 and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            logits = self.model(x * (self.high - self.low) + self.low)
+            if logits.ndim != 2 or logits.shape != (x.shape[0], len(self.class_names)):
+                raise ValueError(f"classifier reward: the model returned shape {tuple(logits.shape)}; expected "
+                                 f"({x.shape[0]}, {len(self.class_names)}) logits, one per class name")
+            outputs.append(torch.log_softmax(logits.float(), dim=1))
+        return torch.cat(outputs)
+
+    @torch.no_grad()
     def __call__(self, images, prompts):
         targets = self.class_ids(prompts)  # before the forward pass: bad prompts fail fast
-        device = self._device(images)
-        x = images.to(device, torch.float32)
-        if self.channels == 1 and x.shape[1] == 3:
-            x = x.mean(dim=1, keepdim=True)
-        elif self.channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = x * (self.high - self.low) + self.low
-        logits = self.model(x)
-        if logits.ndim != 2 or logits.shape != (images.shape[0], len(self.class_names)):
-            raise ValueError(f"classifier reward: the model returned shape {tuple(logits.shape)}; expected "
-                             f"({images.shape[0]}, {len(self.class_names)}) logits, one per class name")
-        log_probs = torch.log_softmax(logits.float(), dim=1)
-        return log_probs.gather(1, targets.to(device)[:, None]).squeeze(1)
+        log_probs = self.class_log_probs(images)
+        return log_probs.gather(1, targets.to(log_probs.device)[:, None]).squeeze(1)
 
 
 def load_classifier_reward(spec: str = "fashion", device: str | torch.device = "cpu") -> ClassifierReward:
-    """``"fashion"`` → the bundled Fashion-MNIST classifier; a directory → a saved ``FashionClassifier``.
+    """A bundled classifier by name, or a saved ``FashionClassifier`` from a directory.
 
-    The model follows the images to their device on first use.
+    ``"fashion"`` is the bundled Fashion-MNIST classifier (the benchmarks' judge); ``"evaluator"``
+    is the smaller, independently trained one that steering methods use by default. The model
+    follows the images to their device on first use.
     """
     from steerkit.zoo.classifier import FashionClassifier
 
-    if spec in ("", "fashion", "fashion-classifier"):
+    if spec in ("", "fashion", "fashion-classifier", "evaluator", "fashion-evaluator"):
         from steerkit.zoo import load_fashion_classifier
 
-        model = load_fashion_classifier(device)
+        model = load_fashion_classifier(device, "fashion-evaluator" if "evaluator" in spec else "fashion-classifier")
     else:
         try:
             model = FashionClassifier.from_pretrained(spec, local_files_only=True)

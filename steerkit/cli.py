@@ -62,6 +62,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _scale_list(text: str) -> list[float]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of scales, e.g. 1,1.5,2,3")
+    return [_non_negative_float(value) for value in values]
+
+
 def _guidance_spec(text: str):
     """A plain number stays a number (the stock CFG path); anything else must parse as a schedule."""
     from steerkit.guidance import parse_schedule
@@ -104,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: the model's")
     gen.add_argument("--adaptive-guidance", type=float, default=None, metavar="THRESHOLD",
                      help="Adaptive Guidance: per sample, drop the unconditional pass once cos(cond, uncond) ≥ THRESHOLD")
+    gen.add_argument("--dynamic-cfg", type=_scale_list, default=None, metavar="SCALES",
+                     help="dynamic CFG: each step, each sample takes the candidate scale (comma list, e.g. "
+                          "1,1.5,2,3,4) its --evaluator scores best on x̂0; --guidance is the prior")
+    gen.add_argument("--evaluator", action="append", default=None,
+                     help="evaluator reward for --dynamic-cfg (repeatable; default: classifier:evaluator)")
+    gen.add_argument("--gfcg", type=_non_negative_float, default=None, metavar="SCALE",
+                     help="gradient-free classifier guidance: push away from the classifier's reference class "
+                          "with scale up to SCALE, on top of --guidance")
+    gen.add_argument("--gfcg-rule", choices=["confusion", "margin", "constant"], default="confusion",
+                     help="how the GFCG scale follows the classifier's probabilities")
+    gen.add_argument("--gfcg-classifier", default="classifier:evaluator",
+                     help="GFCG classifier: a registry reward (zero-shot rewards such as clip work too)")
+    gen.add_argument("--gfcg-labels", default=None,
+                     help="text models: comma-separated labels the GFCG classifier chooses among")
+    gen.add_argument("--gfcg-template", default="a photo of a {}", help="text models: the reference prompt")
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                      help="sampler (default: the model's; a stochastic one for fk)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
@@ -240,6 +262,30 @@ def _hooks_for(args, is_class_conditional: bool) -> tuple[list[Any], str | None]
     return [BestOfN(reward=reward)], reward
 
 
+def _feedback_guidance(args, guidance, default_scale: float, is_class_conditional: bool):
+    """Wrap the static guidance in dynamic CFG and/or GFCG, as the flags ask (dynamic CFG innermost)."""
+    from steerkit.guidance import DynamicGuidance, GradientFreeClassifierGuidance
+
+    base = guidance if guidance is not None else default_scale
+    try:
+        if args.dynamic_cfg is not None:
+            guidance = base = DynamicGuidance(args.evaluator or ["classifier:evaluator"], candidates=args.dynamic_cfg,
+                                              prior=base)
+        if args.gfcg is not None:
+            labels = None
+            if args.gfcg_labels:
+                labels = [label.strip() for label in args.gfcg_labels.split(",") if label.strip()]
+            elif not is_class_conditional:
+                raise CliError("--gfcg on a text model needs --gfcg-labels (the classes the classifier chooses among)")
+            guidance = GradientFreeClassifierGuidance(base=base, classifier=args.gfcg_classifier, scale=args.gfcg,
+                                                      rule=args.gfcg_rule, labels=labels, template=args.gfcg_template)
+    except (ValueError, TypeError) as error:
+        raise CliError(str(error)) from None
+    if args.evaluator and args.dynamic_cfg is None:
+        raise CliError("--evaluator only applies with --dynamic-cfg")
+    return guidance
+
+
 def generate_command(args) -> dict[str, Any]:
     import torch
 
@@ -284,6 +330,8 @@ def generate_command(args) -> dict[str, Any]:
         call["guidance_scale"] = args.guidance
     elif args.guidance is not None:
         guidance = args.guidance
+    guidance = _feedback_guidance(args, guidance, call.get("guidance_scale", pipe_default_scale(pipe)),
+                                  is_class_conditional)
     if args.adaptive_guidance is not None:
         from steerkit.guidance import AdaptiveGuidance
 

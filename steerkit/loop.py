@@ -2,10 +2,12 @@
 
 Per step:
 
-1. Ask the guidance for this step's scale; it decides which branches run (``None`` → cond only).
+1. Ask the guidance for this step's scale; it decides which branches run (``None`` → cond only),
+   and for any extra branches (GFCG's reference class) on some rows.
 2. Run exactly those rows through the model, in the stock pipeline's branch layout, chunked by
    ``max_batch``, counting one NFE per row per branch.
-3. Combine the branch predictions; compute x̂0 if a hook wants it.
+3. Combine the branch predictions (extra branches that need this step's prediction run in a
+   second call, then fold in); compute x̂0 if a hook wants it.
 4. Let each hook look at the state; a hook may return ancestors, and then latents, the guided
    prediction, conditioning rows, stored statistics and the scheduler's solver history are all
    re-indexed together (before ``scheduler.step``, so the step continues the chosen particles).
@@ -25,6 +27,7 @@ import torch
 
 from .diagnostics import RunTrace, StepInfo
 from .guidance import Guidance, StepContext
+from .guidance.base import BranchRequest
 from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook
 from .schedulers import noise_level, predict_x0, reindex_scheduler_state
 from .state import ParticleState
@@ -40,15 +43,19 @@ def run_model(
     conditioning: Conditioning,
     branches: dict[str, torch.Tensor | None],
     max_batch: int | None = None,
+    extra_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Predictions of each branch for its rows; returns ``({branch: pred}, model_calls)``.
 
     ``branches`` maps a branch name to the row indices it runs on (``None``: every row). Branches
     are stacked in ``adapter.branch_order`` and sent in one call when the adapter batches branches
     (as stock SD/SDXL/SD3 do), else one call per branch (as stock Flux true-CFG does).
-    ``max_batch`` caps the rows of any one call.
+    Extra branches (names outside ``branch_order``) come last, with their inputs, already one row
+    per requested row, from ``extra_inputs``. ``max_batch`` caps the rows of any one call.
     """
+    extra_inputs = extra_inputs or {}
     order = [name for name in adapter.branch_order if name in branches]
+    order += [name for name in branches if name not in adapter.branch_order]
     groups = [order] if adapter.batch_branches else [[name] for name in order]
     predictions: dict[str, torch.Tensor] = {}
     calls = 0
@@ -59,7 +66,8 @@ def run_model(
         if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
             x = scheduler.scale_model_input(x, timestep)
         inputs = _stack_inputs([
-            _select_rows(conditioning.branch(name), rows, latents.shape[0]) for name, rows in zip(group, row_sets)
+            extra_inputs[name] if name in extra_inputs else _select_rows(conditioning.branch(name), rows, latents.shape[0])
+            for name, rows in zip(group, row_sets)
         ])
         outputs = []
         for start, stop in _chunks(x.shape[0], max_batch):
@@ -93,6 +101,20 @@ def _rows_needing_uncond(scale: Any, rows: int) -> tuple[str, torch.Tensor | Non
     if not bool(needed.any()):
         return "none", None
     return "some", needed.nonzero().flatten()
+
+
+def _add_requests(requests: dict[str, BranchRequest], branches: dict[str, torch.Tensor | None],
+                  device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Add a guidance's extra-branch requests to ``branches``; returns their inputs by name."""
+    inputs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, request in requests.items():
+        if name in ("cond", "uncond") or name in branches:
+            raise ValueError(f"extra branch name {name!r} is reserved or already used this step")
+        if request.rows is not None and len(request.rows) == 0:
+            continue
+        branches[name] = None if request.rows is None else request.rows.to(device)
+        inputs[name] = request.inputs
+    return inputs
 
 
 def _stack_inputs(per_branch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -138,7 +160,8 @@ def denoise(
         step_kwargs: extra ``scheduler.step`` arguments (``eta``, ``generator``) as the stock
             pipeline passes them.
         max_batch: most rows per model call (``None``: all rows of a step in one call).
-        run: what hooks are told at the start.
+        run: if given, the guidance and hooks are started with it here (steered pipelines start
+            them themselves, before opening the progress bar, and pass ``None``).
         callback: ``callback(i, t, state)`` after each step; may return a replacement state.
         progress_bar: a tqdm-like object to ``update()`` once per step.
 
@@ -149,12 +172,14 @@ def denoise(
     trace = RunTrace(num_prompts=state.num_prompts, num_particles=state.num_particles)
     needs_x0 = any(hook.needs_x0 for hook in hooks)
     if run is not None:
+        guidance.start_run(run, state)
         for hook in hooks:
             hook.start(run, state)
     started = time.perf_counter()
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
-        ctx = StepContext(step=i, num_steps=num_steps, timestep=t, sigma=noise_level(scheduler, t), state=state)
+        ctx = StepContext(step=i, num_steps=num_steps, timestep=t, sigma=noise_level(scheduler, t), state=state,
+                          scheduler=scheduler)
         rows = state.batch_size
         # Ask the guidance which rows need the unconditional branch this step, then run only those.
         scale = guidance.scale(ctx)
@@ -162,7 +187,9 @@ def denoise(
         branches: dict[str, torch.Tensor | None] = {"cond": None}
         if mode != "none":
             branches["uncond"] = None if subset is None else subset.to(state.latents.device)
-        predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch)
+        extra_inputs = _add_requests(guidance.extra_branches(ctx, conditioning, None), branches, state.latents.device)
+        predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch,
+                                       extra_inputs)
         model_output = predictions["cond"]
         if mode == "all":
             model_output = guidance.combine(model_output, predictions["uncond"], scale, ctx)
@@ -171,13 +198,30 @@ def denoise(
             guided = guidance.combine(model_output.index_select(0, index), predictions["uncond"],
                                       scale.to(model_output.device).index_select(0, index), ctx, rows=index)
             model_output = model_output.index_copy(0, index, guided.to(model_output.dtype))
+        # Extra branches that depend on this step's prediction run in a second call.
+        late: dict[str, torch.Tensor | None] = {}
+        late_inputs = _add_requests(guidance.extra_branches(ctx, conditioning, model_output), late, state.latents.device)
+        if set(late) & set(branches):
+            raise ValueError(f"guidance requested branches {sorted(set(late) & set(branches))} twice in one step")
+        if late:
+            late_predictions, late_calls = run_model(adapter, scheduler, state.latents, t, conditioning, late,
+                                                     max_batch, late_inputs)
+            predictions.update(late_predictions)
+            branches.update(late)
+            calls += late_calls
+        # Always asked (not only when extra branches ran): a guidance may observe the step here.
+        model_output = guidance.combine_extra(model_output, predictions, branches, ctx)
+        recorded_scale = None if mode == "none" else (scale.tolist() if isinstance(scale, torch.Tensor) else scale)
+        if "guidance_scale" in ctx.extras:
+            recorded_scale = ctx.extras.pop("guidance_scale")
         info = StepInfo(
             step=i,
             timestep=float(t),
             sigma=ctx.sigma,
             nfe={name: (rows if r is None else len(r)) for name, r in branches.items()},
             model_calls=calls,
-            guidance_scale=None if mode == "none" else (scale.tolist() if isinstance(scale, torch.Tensor) else scale),
+            guidance_scale=recorded_scale,
+            extras=dict(ctx.extras),
         )
         if needs_x0:
             state.x0_hat = predict_x0(scheduler, model_output, state.latents, t)

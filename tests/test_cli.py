@@ -154,3 +154,30 @@ def test_invert_errors(tiny_model_dir, tiny_flow_dir, gray_images, tmp_path, cap
     code, _, stderr = run(["invert", *gray_images, "--model", tiny_flow_dir, "--source", "class0", "class1", "class2",
                            "--out", tmp_path / "c"], capsys)
     assert code == 2 and "--source takes one value or one per image" in stderr
+
+
+def test_gfcg_and_dynamic_cfg_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run(["generate", "Sneaker", "Bag", "--steps", "4", "--guidance", "1.5", "--dynamic-cfg", "1,2,3",
+                           "--gfcg", "2", "--gfcg-rule", "constant", "--out", out], capsys)
+    assert code == 0, stderr
+    record = json.loads((out / "run.json").read_text())
+    assert "GradientFreeClassifierGuidance" in record["resolved"]["guidance"]
+    assert "DynamicGuidance" in record["resolved"]["guidance"]
+    steps = record["diagnostics"]["steps"]
+    assert steps[0]["nfe"] == {"cond": 2, "uncond": 2} and steps[1]["nfe"] == {"cond": 2, "uncond": 2, "reference": 2}
+    assert all(scale in (1.5, 1.0, 2.0, 3.0) for step in steps for scale in step["guidance_scale"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--gfcg", "2"], "does not match the model's classes"),
+    (["--dynamic-cfg", "1,x"], "expected a number, got 'x'"),
+    (["--dynamic-cfg", "1,-2"], "finite number ≥ 0"),
+    (["--evaluator", "brightness"], "--evaluator only applies with --dynamic-cfg"),
+    (["--dynamic-cfg", "1,2", "--evaluator", "sharpness"], "unknown reward 'sharpness'"),
+])
+def test_feedback_guidance_errors(tiny_model_dir, tmp_path, capsys, extra, message):
+    code, _, stderr = run(["generate", "class0", "--model", tiny_model_dir, "--steps", "2", "--out", tmp_path / "o",
+                           *extra], capsys)
+    assert code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -3,10 +3,14 @@
 - :mod:`.base`: the :class:`Guidance` interface, :class:`StepContext`, and stock CFG.
 - :mod:`.schedules`: static per-step scale schedules (linear, cosine, interval on σ, ...).
 - :mod:`.adaptive`: Adaptive Guidance (drop the unconditional pass per sample once it stops mattering).
+- :mod:`.gfcg`: gradient-free classifier guidance (push away from a classifier-chosen reference class).
+- :mod:`.dynamic`: dynamic CFG (per-step, per-sample scale chosen by evaluators, no extra NFEs).
 """
 
 from .adaptive import AdaptiveGuidance
-from .base import ClassifierFreeGuidance, Guidance, Scale, StepContext, check_scale
+from .base import BranchRequest, ClassifierFreeGuidance, Guidance, Scale, StepContext, check_scale
+from .dynamic import DynamicGuidance
+from .gfcg import GradientFreeClassifierGuidance
 from .schedules import (
     ClampLinearSchedule,
     ConstantSchedule,
@@ -22,6 +26,9 @@ from .schedules import (
 
 __all__ = [
     "AdaptiveGuidance",
+    "BranchRequest",
+    "DynamicGuidance",
+    "GradientFreeClassifierGuidance",
     "ClampLinearSchedule",
     "ClassifierFreeGuidance",
     "ConstantSchedule",

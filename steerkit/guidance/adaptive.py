@@ -53,6 +53,15 @@ class AdaptiveGuidance(Guidance):
     def needs_uncond(self) -> bool:  # type: ignore[override]
         return self.base.needs_uncond
 
+    def start_run(self, run, state) -> None:
+        self.base.start_run(run, state)
+
+    def extra_branches(self, ctx, conditioning, guided):
+        return self.base.extra_branches(ctx, conditioning, guided)
+
+    def combine_extra(self, guided, predictions, rows, ctx):
+        return self.base.combine_extra(guided, predictions, rows, ctx)
+
     def _active(self, ctx: StepContext) -> torch.Tensor:
         stats = ctx.state.stats
         if ACTIVE not in stats:

@@ -7,6 +7,12 @@ branch only for the rows whose scale is not exactly 1. Skipped rows are never co
 saving is real. Then the loop calls :meth:`Guidance.combine` on the rows that ran both branches;
 the others take the conditional prediction exactly.
 
+Guidance can also ask for *extra branches*: model evaluations with other conditioning on some
+rows (GFCG's reference class). :meth:`Guidance.extra_branches` is asked twice per step, once
+before the main batched call (those requests join it) and once after the base combination (those
+run in a second call, when a method needs this step's prediction to choose its conditioning).
+:meth:`Guidance.combine_extra` then folds their predictions into the guided output.
+
 Scale convention (diffusers'): ``guided = uncond + s · (cond − uncond)``; ``s = 1`` is the
 conditional prediction alone. Stock pipelines switch CFG on only for ``s > 1``;
 :class:`ClassifierFreeGuidance` does the same, so steering-off runs match them bit for bit.
@@ -15,7 +21,7 @@ conditional prediction alone. Stock pipelines switch CFG on only for ``s > 1``;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +40,11 @@ class StepContext:
     timestep: torch.Tensor
     sigma: float | None
     state: Any = None
+    #: The run's scheduler (for x̂0 of candidate predictions); never step it from guidance.
+    scheduler: Any = None
+    #: Diagnostics a guidance adds for this step; the loop copies them into ``StepInfo.extras``.
+    #: The key ``"guidance_scale"`` replaces the recorded scale (for scales chosen in ``combine``).
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -48,6 +59,17 @@ class StepContext:
 Scale = float | torch.Tensor | None
 
 
+@dataclass
+class BranchRequest:
+    """An extra model evaluation: rows ``rows`` (global indices, ``None`` = all) with ``inputs``.
+
+    ``inputs`` has one row per requested row, with the same keys as the conditional branch's inputs.
+    """
+
+    rows: torch.Tensor | None
+    inputs: dict[str, torch.Tensor]
+
+
 class Guidance:
     """Base class: override :meth:`scale`; :meth:`combine` is CFG's linear rule."""
 
@@ -55,8 +77,22 @@ class Guidance:
     #: does not even encode negative prompts.
     needs_uncond: bool = True
 
+    def start_run(self, run: Any, state: Any) -> None:
+        """Called once before the first step with the :class:`~steerkit.protocols.RunContext`."""
+
     def scale(self, ctx: StepContext) -> Scale:
         raise NotImplementedError
+
+    def extra_branches(self, ctx: StepContext, conditioning: Any, guided: torch.Tensor | None) -> dict[str, BranchRequest]:
+        """Extra evaluations this step: asked with ``guided=None`` before the main call, then with
+        the base-guided prediction after it. Names must not be ``cond`` or ``uncond``."""
+        return {}
+
+    def combine_extra(self, guided: torch.Tensor, predictions: dict[str, torch.Tensor],
+                      rows: dict[str, torch.Tensor | None], ctx: StepContext) -> torch.Tensor:
+        """Fold extra branches into ``guided`` (all rows). ``predictions`` holds every branch that ran
+        this step (``cond`` for all rows; each extra for its ``rows[name]``)."""
+        return guided
 
     def combine(
         self,

@@ -10,7 +10,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Name → directory. A mapping, so that callers can list the models and find them without a lookup
 # call; paths are resolved here once, relative to the installed package, never to the working directory.
 BUNDLED_MODELS: dict[str, Path] = {
-    name: WEIGHTS_DIR / name for name in ("fashion-flow", "fashion-ddpm", "fashion-classifier")
+    name: WEIGHTS_DIR / name for name in ("fashion-flow", "fashion-ddpm", "fashion-classifier", "fashion-evaluator")
 }
 
 
@@ -36,17 +36,23 @@ def load_fashion_pipeline(name: str = "fashion-flow", device: str | torch.device
     """
     from steerkit.pipelines.class_conditional import SteeredClassConditionalUNetPipeline
 
-    if name == "fashion-classifier":
-        raise ValueError("fashion-classifier is not a generative model; use load_fashion_classifier()")
+    if name in ("fashion-classifier", "fashion-evaluator"):
+        raise ValueError(f"{name} is not a generative model; use load_fashion_classifier()")
     pipe = SteeredClassConditionalUNetPipeline.from_pretrained(
         bundled_model_path(name), local_files_only=True, dtype=torch_dtype
     )
     return pipe.to(device)
 
 
-def load_fashion_classifier(device: str | torch.device = "cpu"):
-    """The bundled Fashion-MNIST classifier, in eval mode."""
+def load_fashion_classifier(device: str | torch.device = "cpu", name: str = "fashion-classifier"):
+    """A bundled Fashion-MNIST classifier, in eval mode.
+
+    ``fashion-classifier`` judges the benchmarks; ``fashion-evaluator`` (smaller, trained apart)
+    is what GFCG and dynamic CFG steer with by default.
+    """
     from .classifier import FashionClassifier
 
-    model = FashionClassifier.from_pretrained(bundled_model_path("fashion-classifier"), local_files_only=True)
+    if name not in ("fashion-classifier", "fashion-evaluator"):
+        raise ValueError(f"{name!r} is not a bundled classifier; choose 'fashion-classifier' or 'fashion-evaluator'")
+    model = FashionClassifier.from_pretrained(bundled_model_path(name), local_files_only=True)
     return model.to(device).eval()

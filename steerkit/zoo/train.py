@@ -16,6 +16,9 @@ classes plus a null class (id 10). Labels are replaced by the null class with pr
   clip x̂0: DDIM clips x̂0 but keeps the unclipped ε, and with CFG (whose ε is scaled up) that
   inconsistency wrecks samples (class accuracy fell from 0.88 to 0.71 at CFG 2, 20 DDIM steps).
 - ``classifier``: :class:`~steerkit.zoo.classifier.FashionClassifier` with flips and 2-pixel shifts.
+- ``evaluator``: a smaller ``FashionClassifier`` (channels 16-32-64), trained the same way on CPU.
+  Methods that steer with a classifier (GFCG, dynamic CFG) use it by default; the benchmarks
+  measure with ``classifier``, so a method is never scored by the model that guided it.
 
 Results repeat exactly from the seed on CPU. On a GPU, nondeterministic kernels make them repeat
 only up to small numerical differences. ``--time-budget`` fixes the number of steps after measuring
@@ -173,7 +176,10 @@ def train_classifier(args) -> Path:
     from .metrics import class_accuracy
 
     generator, device, images, labels = _setup(args)
-    model = FashionClassifier(class_names=FASHION_CLASSES).to(device)
+    # The evaluator is a smaller net with its own seed: steering methods (GFCG, dynamic CFG) use it,
+    # and benchmarks measure with the bundled classifier, so no method is scored by its own guide.
+    shape = dict(channels=(16, 32, 64), feature_dim=64) if args.model == "evaluator" else {}
+    model = FashionClassifier(class_names=FASHION_CLASSES, **shape).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
     steps_per_epoch = images.shape[0] // args.batch_size
     total = args.max_steps or args.epochs * steps_per_epoch
@@ -199,7 +205,7 @@ def train_classifier(args) -> Path:
     accuracy = class_accuracy(model, test_images, test_labels)
     out = Path(args.out)
     model.save_pretrained(out)
-    _write_card(out, "classifier", args, step, time.time() - started, loss.item(), test_accuracy=accuracy)
+    _write_card(out, args.model, args, step, time.time() - started, loss.item(), test_accuracy=accuracy)
     print(f"classifier test accuracy: {accuracy:.4f}")
     return out
 
@@ -208,7 +214,7 @@ def _write_card(out: Path, kind: str, args, steps: int, seconds: float, final_lo
     card = {"model": kind, "seed": args.seed, "epochs": args.epochs, "max_steps": args.max_steps, "steps": steps,
             "batch_size": args.batch_size, "lr": args.lr, "device": args.device, "train_seconds": round(seconds, 1),
             "time_budget": args.time_budget, "final_batch_loss": final_loss, "torch": torch.__version__, **extra}
-    if kind != "classifier":
+    if kind not in ("classifier", "evaluator"):
         card.update(label_dropout=args.label_dropout, ema_decay=args.ema_decay, size=args.size)
     (out / "training.json").write_text(json.dumps(card, indent=2))
 
@@ -217,6 +223,7 @@ DEFAULTS = {
     "flow": dict(epochs=40, lr=4e-4, batch_size=256),
     "ddpm": dict(epochs=40, lr=4e-4, batch_size=256),
     "classifier": dict(epochs=15, lr=3e-3, batch_size=256),
+    "evaluator": dict(epochs=4, lr=3e-3, batch_size=256),
 }
 
 
@@ -240,7 +247,7 @@ def main(argv=None) -> Path:
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model == "classifier":
+    if args.model in ("classifier", "evaluator"):
         return train_classifier(args)
     return train_generative(args.model, args)
 

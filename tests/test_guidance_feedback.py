@@ -1,0 +1,289 @@
+"""GFCG and dynamic CFG: guidance chosen each step from what the sample looks like now."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from steerkit.rewards import CallableReward
+
+import steerkit
+from steerkit import testing
+from steerkit.guidance import (
+    AdaptiveGuidance,
+    ClassifierFreeGuidance,
+    DynamicGuidance,
+    GradientFreeClassifierGuidance,
+    LinearSchedule,
+)
+from steerkit.guidance.gfcg import REFERENCE, SCALE, TARGET
+from steerkit.smc import FKSteering
+
+STEPS = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = steerkit.steer(testing.tiny_class_conditional(scheduler=DDIMScheduler(), num_classes=4))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, guidance, labels=(0, 1, 2, 3), seed=0, **kwargs):
+    return pipe(class_labels=list(labels), num_inference_steps=STEPS, guidance=guidance, output_type="pt",
+                generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def total_nfe(output, branch=None):
+    return sum(n for step in output.steering.steps for name, n in step.nfe.items() if branch in (None, name))
+
+
+def next_class_classifier():
+    """A zero-shot 'classifier' whose logit for label ``classK`` is K, whatever the image: the most
+    probable class other than the target is then the largest class id that is not the target."""
+    def score(images, prompts):
+        return torch.tensor([float(str(p).removeprefix("class")) for p in prompts])
+
+    return CallableReward(score, name="label-index")
+
+
+# --- GFCG -----------------------------------------------------------------------------------------
+
+def test_gfcg_with_zero_scale_is_the_base_guidance_bit_for_bit(pipe):
+    base = run(pipe, ClassifierFreeGuidance(2.0))
+    gfcg = run(pipe, GradientFreeClassifierGuidance(base=2.0, classifier=next_class_classifier(), scale=0.0))
+    assert torch.equal(base.images, gfcg.images)
+    assert total_nfe(gfcg, "reference") == 0 and total_nfe(gfcg) == total_nfe(base)
+
+
+def test_gfcg_matches_a_hand_written_loop(pipe):
+    """guided = cfg + ω·(cond − ref), the reference chosen from the previous step's x̂0."""
+    omega, labels = 1.5, [0, 1, 2, 3]
+    out = run(pipe, GradientFreeClassifierGuidance(base=2.0, classifier=next_class_classifier(), scale=omega,
+                                                   rule="constant"), labels=labels)
+    # Label k has logit k, so the reference is class 3 for targets 0-2 and class 2 for target 3.
+    expected_reference = torch.tensor([3, 3, 3, 2])
+    unet, scheduler = pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    latents = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor(labels)
+    for i, t in enumerate(scheduler.timesteps):
+        cond = unet(latents, t, class_labels=targets).sample
+        uncond = unet(latents, t, class_labels=torch.full_like(targets, 4)).sample
+        guided = uncond + 2.0 * (cond - uncond)
+        if i > 0:  # no x̂0 has been seen before the first step
+            reference = unet(latents, t, class_labels=expected_reference).sample
+            guided = guided + omega * (cond - reference)
+        latents = scheduler.step(guided, t, latents).prev_sample
+    torch.testing.assert_close(out.images, (latents / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+    steps = out.steering.steps
+    assert steps[0].nfe == {"cond": 4, "uncond": 4}
+    assert all(step.nfe == {"cond": 4, "uncond": 4, "reference": 4} for step in steps[1:])
+    assert steps[2].extras["gfcg"]["reference"] == expected_reference.tolist()
+    assert steps[2].extras["gfcg"]["scale"] == [omega] * 4
+
+
+def test_gfcg_rules_and_skipped_rows():
+    """ω from the classifier's probabilities, per rule; rows under min_fraction·scale get no reference."""
+    from steerkit.guidance.base import StepContext
+    from steerkit.state import ParticleState
+
+    log_probs = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.98, 0.01, 0.01]]))
+    expected = {
+        "confusion": [2 * 0.2 / 0.9, 2 * 0.6 / 0.9, 0.0],  # the last: 2·0.01/0.99 < 0.05·2, skipped
+        "margin": [2 * 0.3, 2 * 0.7, 0.0],
+        "constant": [2.0, 2.0, 2.0],
+    }
+    for rule, omegas in expected.items():
+        guidance = GradientFreeClassifierGuidance(scale=2.0, rule=rule, min_fraction=0.05)
+        guidance._log_probs = lambda images: log_probs
+        guidance.adapter = type("A", (), {"decode": staticmethod(lambda x: x)})()
+        state = ParticleState(torch.zeros(3, 1, 2, 2), num_prompts=3, num_particles=1)
+        state.stats[TARGET] = torch.tensor([0, 2, 0])
+        scheduler = DDIMScheduler()
+        scheduler.set_timesteps(4)
+        ctx = StepContext(step=0, num_steps=4, timestep=scheduler.timesteps[0], sigma=None, state=state,
+                          scheduler=scheduler)
+        guidance._observe(ctx, torch.zeros(3, 1, 2, 2))
+        assert state.stats[REFERENCE].tolist() == [1, 1, 1]  # the most probable class other than the target
+        torch.testing.assert_close(state.stats[SCALE], torch.tensor(omegas), atol=1e-6, rtol=0)
+
+
+def test_gfcg_on_the_bundled_model_raises_accuracy():
+    """The bundled flow model at CFG 1, 24 samples: GFCG with the bundled *evaluator* classifier,
+    judged by the bundled *benchmark* classifier (held out from guidance)."""
+    from steerkit.zoo import load_fashion_classifier, load_fashion_pipeline
+
+    flow = load_fashion_pipeline("fashion-flow")
+    flow.set_progress_bar_config(disable=True)
+    judge = load_fashion_classifier()
+    labels = list(range(10)) * 3
+
+    def accuracy(guidance):
+        out = flow(class_labels=labels, num_inference_steps=10, guidance=guidance, output_type="latent",
+                   generator=torch.Generator().manual_seed(1))
+        return (judge(out.images.clamp(-1, 1)).argmax(1) == torch.tensor(labels)).float().mean().item(), out
+
+    plain, _ = accuracy(ClassifierFreeGuidance(1.0))
+    steered, out = accuracy(GradientFreeClassifierGuidance(base=1.0, scale=3.0))
+    assert steered >= plain + 0.05, (plain, steered)  # measured 0.80 → 0.97 with this seed
+    reference_nfe = total_nfe(out, "reference")
+    assert 0 < reference_nfe < 9 * len(labels)  # confident rows skip the reference branch
+
+
+def test_gfcg_rejects_a_classifier_with_other_labels(pipe):
+    from steerkit.rewards import ClassifierReward
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 4))
+    wrong = ClassifierReward(model, ["cat", "dog", "class2", "class3"], input_range=(0, 1))
+    with pytest.raises(ValueError, match=r"label set .* does not match the model's classes .*missing: \['class0', 'class1'\]"):
+        run(pipe, GradientFreeClassifierGuidance(classifier=wrong))
+
+
+def test_gfcg_nonfinite_classifier_output_is_an_error(pipe):
+    bad = CallableReward(lambda images, prompts: torch.full((images.shape[0],), math.nan))
+    with pytest.raises(ValueError, match="non-finite"):
+        run(pipe, GradientFreeClassifierGuidance(classifier=bad))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scale": -1.0}, "scale must be a finite number"),
+    ({"rule": "ratio"}, "unknown GFCG rule 'ratio'"),
+    ({"window": (0.5, 0.5)}, "0 ≤ start < end ≤ 1"),
+    ({"reference": "next"}, "reference must be one of"),
+    ({"template": "a photo"}, "template must contain"),
+    ({"labels": ["cat"]}, "at least two distinct"),
+    ({"min_fraction": 1.0}, r"min_fraction must be in \[0, 1\)"),
+])
+def test_gfcg_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradientFreeClassifierGuidance(**kwargs)
+
+
+def test_gfcg_current_mode_classifies_this_step_and_runs_a_second_call(pipe):
+    out = run(pipe, GradientFreeClassifierGuidance(base=2.0, classifier=next_class_classifier(), scale=1.0,
+                                                   rule="constant", reference="current"))
+    # Already at the first step, and in a second model call.
+    assert out.steering.steps[0].nfe == {"cond": 4, "uncond": 4, "reference": 4}
+    assert out.steering.steps[0].model_calls == 2
+
+
+def test_gfcg_text_to_image_reference_prompts():
+    pipe = steerkit.steer(testing.tiny_stable_diffusion())
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def zero_shot(images, prompts):
+        seen.extend(prompts)
+        return torch.tensor([1.0 if "dog" in p else 0.0 for p in prompts])
+
+    guidance = GradientFreeClassifierGuidance(base=3.0, classifier=zero_shot, scale=1.0, labels=["cat", "dog", "fox"],
+                                              template="a photo of a {}")
+    out = pipe(["a cat on a mat", "a red fox"], num_inference_steps=3, guidance=guidance, output_type="latent",
+               height=32, width=32, generator=torch.Generator().manual_seed(0))
+    assert set(seen) == {"a photo of a cat", "a photo of a dog", "a photo of a fox"}
+    assert out.steering.steps[1].extras["gfcg"]["reference"] == [1, 1]  # 'dog' is the likeliest other label
+    assert out.steering.steps[1].nfe["reference"] == 2
+    with pytest.raises(ValueError, match="names none of the labels"):
+        pipe("a bird", num_inference_steps=2, guidance=guidance, height=32, width=32)
+    with pytest.raises(ValueError, match="needs labels"):
+        pipe("a cat", num_inference_steps=2, guidance=GradientFreeClassifierGuidance(classifier=zero_shot),
+             height=32, width=32)
+
+
+def test_gfcg_composes_with_fk_and_adaptive_guidance():
+    pipe = steerkit.steer(testing.tiny_class_conditional(scheduler=DDPMScheduler(), num_classes=4))
+    pipe.set_progress_bar_config(disable=True)
+    guidance = AdaptiveGuidance(GradientFreeClassifierGuidance(base=LinearSchedule(1.0, 3.0),
+                                                               classifier=next_class_classifier(), scale=1.0),
+                                threshold=0.5)
+    fk = FKSteering(reward=lambda images, prompts: images.flatten(1).mean(1), lmbda=50.0, resample_at=[1, 2, 3])
+    out = run(pipe, guidance, labels=(0, 3), hooks=[fk], num_particles=3)
+    assert out.images.shape[0] == 2
+    assert any(step.ancestors is not None for step in out.steering.steps)
+    assert all("reference" in step.nfe for step in out.steering.steps[1:])
+
+
+# --- dynamic CFG -------------------------------------------------------------------------------------
+
+def test_dynamic_cfg_ties_go_to_the_prior_bit_for_bit_and_cost_no_nfes(pipe):
+    constant = CallableReward(lambda images, prompts: torch.zeros(images.shape[0]))
+    base = run(pipe, ClassifierFreeGuidance(3.0))
+    dynamic = run(pipe, DynamicGuidance(constant, candidates=(1.0, 2.0, 5.0), prior=3.0))
+    assert torch.equal(base.images, dynamic.images)
+    assert total_nfe(dynamic) == total_nfe(base)
+    assert all(step.guidance_scale == [3.0] * 4 for step in dynamic.steering.steps)
+
+
+def test_dynamic_cfg_takes_the_best_candidate_per_sample(pipe):
+    """An evaluator that prefers small x̂0 norms; check the choice against every candidate's x̂0."""
+    records = []
+
+    def small_norm(images, prompts):
+        score = -images.flatten(1).norm(dim=1)
+        records.append(score)
+        return score
+
+    candidates = (1.0, 2.0, 6.0)
+    out = run(pipe, DynamicGuidance(small_norm, candidates=candidates, prior=4.0))
+    # Per step the evaluator saw [prior, 1, 2, 6] per row, and the chosen scale is its argmax.
+    for step, scores in zip(out.steering.steps, records):
+        table = scores.view(4, 4)
+        grid = torch.tensor([4.0, *candidates])
+        assert step.guidance_scale == grid[table.argmax(dim=1)].tolist()
+    assert len({s for step in out.steering.steps for s in step.guidance_scale}) > 1  # it does choose
+
+
+def test_dynamic_cfg_window_and_fallback(pipe):
+    nan = CallableReward(lambda images, prompts: torch.full((images.shape[0],), math.nan))
+    out = run(pipe, DynamicGuidance(nan, candidates=(1.0, 5.0), prior=LinearSchedule(1.0, 3.0), window=(0.5, 1.0)))
+    steps = out.steering.steps
+    assert [s.guidance_scale for s in steps[:2]] == [None, 1.5]  # the prior schedule outside the window
+    inside = steps[2:]
+    assert all(s.extras["dynamic_cfg"]["fallback_rows"] == [0, 1, 2, 3] for s in inside)
+    assert [s.guidance_scale for s in inside] == [[2.0] * 4, [2.5] * 4, [3.0] * 4]
+
+
+def test_dynamic_cfg_adaptive_weights_follow_the_evaluator_that_moves():
+    guidance = DynamicGuidance(["brightness", "contrast"], candidates=(1.0, 2.0))
+    stats = {"dynamic_cfg_previous_score_0": torch.tensor([1.0, 1.0], dtype=torch.float64),
+             "dynamic_cfg_previous_score_1": torch.tensor([1.0, math.nan], dtype=torch.float64)}
+    means = [torch.tensor([1.0, 1.5], dtype=torch.float64), torch.tensor([1.5, 2.0], dtype=torch.float64)]
+    weights = guidance._weights(means, torch.tensor([0, 1]), stats)
+    # Row 0: changes 0 and 0.5 → all weight on the second; row 1: 0.5 and 1 (first evaluated step).
+    torch.testing.assert_close(torch.stack(weights), torch.tensor([[0.0, 1 / 3], [1.0, 2 / 3]], dtype=torch.float64))
+
+
+def test_dynamic_cfg_composes_with_fk(pipe):
+    fk = FKSteering(reward=lambda images, prompts: images.flatten(1).mean(1), lmbda=10.0, resample_at=[2, 3])
+    ddpm = steerkit.steer(testing.tiny_class_conditional(scheduler=DDPMScheduler(), num_classes=4))
+    ddpm.set_progress_bar_config(disable=True)
+    out = run(ddpm, DynamicGuidance("brightness", candidates=(1.0, 3.0), prior=2.0), labels=(0, 1), hooks=[fk],
+              num_particles=2)
+    assert out.images.shape[0] == 2 and len(out.steering.steps[0].guidance_scale) == 4
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"candidates": ()}, ValueError, "candidate grid is empty"),
+    ({"candidates": (1.0, -2.0)}, ValueError, "finite numbers ≥ 0"),
+    ({"evaluators": []}, ValueError, "at least one evaluator"),
+    ({"weighting": "greedy"}, ValueError, "weighting must be"),
+    ({"weights": [1.0, 2.0]}, ValueError, "weights must be 1"),
+    ({"prior": "high"}, TypeError, "prior must be a number or a Guidance"),
+])
+def test_dynamic_cfg_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        DynamicGuidance(**kwargs)
+
+
+def test_dynamic_cfg_unknown_evaluator_fails_at_the_start_of_the_run(pipe):
+    with pytest.raises(ValueError, match="unknown reward 'sharpness'"):
+        run(pipe, DynamicGuidance("sharpness"))
