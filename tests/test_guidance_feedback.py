@@ -287,3 +287,79 @@ def test_dynamic_cfg_bad_arguments(kwargs, error, message):
 def test_dynamic_cfg_unknown_evaluator_fails_at_the_start_of_the_run(pipe):
     with pytest.raises(ValueError, match="unknown reward 'sharpness'"):
         run(pipe, DynamicGuidance("sharpness"))
+
+
+# --- diffusers guiders and cached-Δ LinearAG ---------------------------------------------------------
+
+def test_diffusers_cfg_guider_is_our_cfg_bit_for_bit(pipe):
+    from diffusers.guiders import ClassifierFreeGuidance as DiffusersCFG
+
+    from steerkit.guidance import DiffusersGuider
+
+    ours = run(pipe, ClassifierFreeGuidance(3.0))
+    theirs = run(pipe, DiffusersGuider(DiffusersCFG(guidance_scale=3.0)))
+    assert torch.equal(ours.images, theirs.images) and total_nfe(ours) == total_nfe(theirs)
+
+
+def test_apg_guider_matches_a_hand_written_loop_with_per_row_momentum(pipe):
+    from diffusers.guiders import AdaptiveProjectedGuidance
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    from steerkit.guidance import DiffusersGuider
+
+    guider = AdaptiveProjectedGuidance(guidance_scale=4.0, adaptive_projected_guidance_momentum=-0.5, eta=0.0,
+                                       adaptive_projected_guidance_rescale=5.0)
+    out = run(pipe, DiffusersGuider(guider), labels=[0, 1])
+    unet, scheduler = pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    latents = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels, buffer = torch.tensor([0, 1]), MomentumBuffer(-0.5)
+    for t in scheduler.timesteps:
+        both = unet(torch.cat([latents] * 2), t, class_labels=torch.cat([torch.full_like(labels, 4), labels])).sample
+        uncond, cond = both.chunk(2)
+        guided = normalized_guidance(cond, uncond, 4.0, buffer, 0.0, 5.0)
+        latents = scheduler.step(guided, t, latents).prev_sample
+    torch.testing.assert_close(out.images, (latents / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_guiders_that_perturb_the_model_are_refused():
+    from diffusers.guiders import PerturbedAttentionGuidance
+
+    from steerkit.guidance import DiffusersGuider
+
+    with pytest.raises(TypeError, match="not a cond/uncond diffusers guider"):
+        DiffusersGuider(PerturbedAttentionGuidance(perturbed_guidance_layers=[0]))
+
+
+def test_cfg_zero_star_zero_init_steps_run_no_unconditional_pass(pipe):
+    from diffusers.guiders import ClassifierFreeZeroStarGuidance
+
+    from steerkit.guidance import DiffusersGuider
+
+    out = run(pipe, DiffusersGuider(ClassifierFreeZeroStarGuidance(guidance_scale=3.0, zero_init_steps=1)))
+    assert out.steering.steps[0].nfe == {"cond": 4} and out.steering.steps[1].nfe == {"cond": 4, "uncond": 4}
+
+
+def test_cached_delta_skips_every_other_unconditional_pass_and_reuses_the_update(pipe):
+    from steerkit.guidance import CachedDeltaGuidance
+
+    out = run(pipe, CachedDeltaGuidance(3.0, refresh_every=2, window=(0.0, 1.0)))
+    nfe = [step.nfe.get("uncond", 0) for step in out.steering.steps]
+    assert nfe == [4, 0, 4, 0, 4]
+    assert out.steering.steps[1].guidance_scale == 3.0
+    # By hand: on estimated steps guided = cond + (s − 1)·Δ from the previous full step.
+    unet, scheduler = pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    latents = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+    for i, t in enumerate(scheduler.timesteps):
+        if i % 2 == 0:
+            both = unet(torch.cat([latents] * 2), t, class_labels=torch.cat([torch.full_like(labels, 4), labels])).sample
+            uncond, cond = both.chunk(2)
+            delta, guided = cond - uncond, uncond + 3.0 * (cond - uncond)
+        else:
+            guided = unet(latents, t, class_labels=labels).sample + 2.0 * delta
+        latents = scheduler.step(guided, t, latents).prev_sample
+    torch.testing.assert_close(out.images, (latents / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="refresh_every must be an integer ≥ 2"):
+        CachedDeltaGuidance(3.0, refresh_every=1)

@@ -4,13 +4,15 @@
 - :mod:`.schedules`: static per-step scale schedules (linear, cosine, interval on σ, ...).
 - :mod:`.adaptive`: Adaptive Guidance (drop the unconditional pass per sample once it stops mattering).
 - :mod:`.gfcg`: gradient-free classifier guidance (push away from a classifier-chosen reference class).
+- :mod:`.guiders`: diffusers' own guiders (APG, CFG-Zero*, ...) run by the steerkit loop.
 - :mod:`.dynamic`: dynamic CFG (per-step, per-sample scale chosen by evaluators, no extra NFEs).
 """
 
-from .adaptive import AdaptiveGuidance
+from .adaptive import AdaptiveGuidance, CachedDeltaGuidance
 from .base import BranchRequest, ClassifierFreeGuidance, Guidance, Scale, StepContext, check_scale
 from .dynamic import DynamicGuidance
 from .gfcg import GradientFreeClassifierGuidance
+from .guiders import DiffusersGuider
 from .schedules import (
     ClampLinearSchedule,
     ConstantSchedule,
@@ -27,11 +29,13 @@ from .schedules import (
 __all__ = [
     "AdaptiveGuidance",
     "BranchRequest",
+    "CachedDeltaGuidance",
     "DynamicGuidance",
     "GradientFreeClassifierGuidance",
     "ClampLinearSchedule",
     "ClassifierFreeGuidance",
     "ConstantSchedule",
+    "DiffusersGuider",
     "CosineSchedule",
     "Guidance",
     "IntervalSchedule",

@@ -93,3 +93,85 @@ class AdaptiveGuidance(Guidance):
 
     def __repr__(self) -> str:
         return f"AdaptiveGuidance(base={self.base!r}, threshold={self.threshold}, start_step={self.start_step})"
+
+
+DELTA = "linear_ag_delta"
+
+
+class CachedDeltaGuidance(Guidance):
+    """LinearAG-style savings: on some steps, estimate the guidance update instead of computing it.
+
+    Castillo et al.'s LinearAG replaces unconditional passes in the first half of sampling by an
+    affine estimate from past predictions; its coefficients are fitted offline per model and the
+    recipe could not be verified here. This is the simplest member of that family, the "cached Δ"
+    variant: on a *full* step the unconditional branch runs and each sample's update
+    ``Δ = cond − uncond`` is cached; on the following *estimated* steps the unconditional pass is
+    skipped (the NFE is really saved) and ``guided = cond + (s − 1) · Δ_cached``, which is CFG's
+    ``uncond + s · (cond − uncond)`` with the stale Δ. Within ``window`` one step in
+    ``refresh_every`` is full; outside it the base guidance runs unchanged. Wrap it in
+    :class:`AdaptiveGuidance` to also drop the unconditional pass late in sampling.
+
+    Args:
+        base: constant CFG scale, or a schedule (any guidance whose combination is CFG's linear rule).
+        refresh_every: one full step in this many (2: alternate full and estimated steps).
+        window: ``(start, end)`` fractions of the trajectory where steps may be estimated.
+    """
+
+    def __init__(self, base: Guidance | float = 7.5, refresh_every: int = 2, window=(0.0, 0.5)):
+        from .gfcg import _as_guidance, _window
+
+        self.base = _as_guidance(base)
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 2:
+            raise ValueError(f"refresh_every must be an integer ≥ 2, got {refresh_every!r}")
+        self.refresh_every, self.window = refresh_every, _window(window)
+
+    @property
+    def needs_uncond(self) -> bool:  # type: ignore[override]
+        return self.base.needs_uncond
+
+    def start_run(self, run, state) -> None:
+        self.base.start_run(run, state)
+        state.stats.pop(DELTA, None)
+        self._first_in_window: int | None = None
+
+    def _estimated(self, ctx: StepContext) -> bool:
+        if not self.window[0] <= ctx.progress <= self.window[1]:
+            return False
+        if self._first_in_window is None:
+            self._first_in_window = ctx.step
+        due = (ctx.step - self._first_in_window) % self.refresh_every != 0
+        return due and DELTA in ctx.state.stats  # never estimate before a full step has cached Δ
+
+    def scale(self, ctx: StepContext) -> Scale:
+        base = self.base.scale(ctx)
+        self._step_scale = base
+        if base is not None and self._estimated(ctx):
+            ctx.extras["guidance_scale"] = base.tolist() if isinstance(base, torch.Tensor) else base
+            ctx.extras["linear_ag"] = "estimated"
+            return None  # no unconditional pass; combine_extra applies the cached update
+        return base
+
+    def combine(self, cond, uncond, scale, ctx, rows=None):
+        guided = self.base.combine(cond, uncond, scale, ctx, rows)
+        stats = ctx.state.stats
+        if DELTA not in stats:
+            stats[DELTA] = torch.zeros((ctx.num_rows, *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
+        index = torch.arange(ctx.num_rows, device=cond.device) if rows is None else rows.to(cond.device)
+        stats[DELTA] = stats[DELTA].index_copy(0, index, (cond - uncond).to(stats[DELTA].dtype))
+        return guided
+
+    def combine_extra(self, guided, predictions, rows, ctx):
+        guided = self.base.combine_extra(guided, predictions, rows, ctx)
+        if ctx.extras.get("linear_ag") != "estimated":
+            return guided
+        scale = self._step_scale
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(guided.device, guided.dtype).reshape(-1, *([1] * (guided.ndim - 1)))
+        delta = ctx.state.stats[DELTA].to(guided.device, guided.dtype)
+        return guided + (scale - 1) * delta  # guided is the conditional prediction (plus any extra terms)
+
+    def extra_branches(self, ctx, conditioning, guided):
+        return self.base.extra_branches(ctx, conditioning, guided)
+
+    def __repr__(self) -> str:
+        return f"CachedDeltaGuidance(base={self.base!r}, refresh_every={self.refresh_every}, window={self.window})"

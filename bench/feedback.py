@@ -1,0 +1,144 @@
+"""bench/feedback: GFCG and dynamic CFG on the bundled fashion-flow model (issue #7).
+
+Both methods steer with the bundled ``fashion-evaluator`` classifier; every metric is measured
+with the bundled ``fashion-classifier``, which no method sees (so no gain is self-scored).
+Same seeds for every row; samples balanced over the ten classes.
+
+- ``gfcg``: CFG alone vs GFCG + CFG at each CFG scale, at equal steps, and CFG alone with more
+  steps so that its NFEs match GFCG's (GFCG's reference branch costs NFEs).
+- ``dynamic``: a sweep of constant scales vs dynamic CFG (candidates = the sweep, prior = the
+  sweep's best Fréchet scale is *not* used, so the method cannot peek: prior 2), at equal NFEs;
+  plus the evaluator's overhead as a fraction of sampling time (interleaved timing, same batch).
+
+    python bench/feedback.py --num-samples 300 --steps 20          # CPU: ~40 min on 2 cores
+    python bench/feedback.py --device cuda --num-samples 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, interleaved_times, median, write_result  # noqa: E402
+
+from steerkit.guidance import ClassifierFreeGuidance, DynamicGuidance, GradientFreeClassifierGuidance  # noqa: E402
+from steerkit.zoo import load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline  # noqa: E402
+from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
+
+
+class Judge:
+    def __init__(self, device: str):
+        self.classifier = load_fashion_classifier(device)
+        self.evaluator = load_fashion_classifier(device, "fashion-evaluator")
+        self.test_features = classify(self.classifier, load_fashion_mnist("test")[0])[1]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        log_probs, features = classify(self.classifier, images)
+        evaluator_log_probs, _ = classify(self.evaluator, images)
+        return {"accuracy": float((log_probs.argmax(1) == labels).float().mean()),
+                "frechet": frechet_distance(features, self.test_features),
+                "evaluator_log_prob": float(evaluator_log_probs.gather(1, labels[:, None]).mean())}
+
+
+def sample(pipe, guidance, labels: torch.Tensor, steps: int, batch: int) -> tuple[torch.Tensor, int, float]:
+    """Samples in [-1, 1] (sample i always seeded with i), total NFEs and wall time."""
+    images, nfe, started = [], 0, time.perf_counter()
+    for start in range(0, len(labels), batch):
+        chunk = labels[start:start + batch].tolist()
+        generators = [torch.Generator(pipe.device).manual_seed(start + i) for i in range(len(chunk))]
+        out = pipe(class_labels=chunk, num_inference_steps=steps, guidance=guidance, output_type="latent",
+                   generator=generators)
+        images.append(out.images.float().clamp(-1, 1).cpu())
+        nfe += out.steering.total_nfe
+    return torch.cat(images), nfe, time.perf_counter() - started
+
+
+def run_row(pipe, judge, name: str, guidance, labels, steps: int, batch: int) -> dict:
+    images, nfe, seconds = sample(pipe, guidance, labels, steps, batch)
+    row = {"method": name, "steps": steps, "nfe_per_sample": nfe / len(labels), "seconds": round(seconds, 1),
+           **judge(images, labels)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def gfcg_part(pipe, judge, labels, args) -> list[dict]:
+    rows = []
+    for scale in args.cfg_scales:
+        gfcg = GradientFreeClassifierGuidance(base=scale, scale=args.gfcg_scale, rule=args.gfcg_rule)
+        steered = run_row(pipe, judge, f"GFCG ω≤{args.gfcg_scale:g} + CFG {scale:g}", gfcg, labels, args.steps, args.batch)
+        plain = run_row(pipe, judge, f"CFG {scale:g}", ClassifierFreeGuidance(scale), labels, args.steps, args.batch)
+        per_step = plain["nfe_per_sample"] / args.steps
+        matched_steps = max(args.steps, round(steered["nfe_per_sample"] / per_step))
+        matched = run_row(pipe, judge, f"CFG {scale:g}, NFE-matched", ClassifierFreeGuidance(scale), labels,
+                          matched_steps, args.batch)
+        for row in (steered, plain, matched):
+            row["cfg_scale"] = scale
+        rows += [plain, matched, steered]
+    return rows
+
+
+def dynamic_part(pipe, judge, labels, args) -> tuple[list[dict], dict]:
+    rows = [run_row(pipe, judge, f"constant {s:g}", ClassifierFreeGuidance(s),
+                    labels, args.steps, args.batch) for s in args.sweep]
+    variants = {
+        "dynamic (evaluator, adaptive weights)": DynamicGuidance("classifier:evaluator", candidates=args.sweep, prior=2.0),
+        "dynamic, first 60% of steps": DynamicGuidance("classifier:evaluator", candidates=args.sweep, prior=2.0,
+                                                       window=(0.0, 0.6)),
+    }
+    for name, guidance in variants.items():
+        rows.append(run_row(pipe, judge, name, guidance, labels, args.steps, args.batch))
+    # Evaluator overhead: dynamic CFG vs constant CFG, same batch, same NFEs, interleaved.
+    timing_labels = labels[: args.timing_batch].tolist()
+
+    def call(guidance):
+        return lambda: pipe(class_labels=timing_labels, num_inference_steps=args.steps, guidance=guidance,
+                            output_type="latent", generator=torch.Generator().manual_seed(0))
+
+    times = interleaved_times({"cfg": call(ClassifierFreeGuidance(2.0)),
+                               "dynamic": call(DynamicGuidance("classifier:evaluator", candidates=args.sweep, prior=2.0))},
+                              repeats=args.timing_repeats, warmup=1)
+    overhead = {"batch": len(timing_labels), "cfg_s": median(times["cfg"]), "dynamic_s": median(times["dynamic"]),
+                "fraction": median(times["dynamic"]) / median(times["cfg"]) - 1, "times": times}
+    print(json.dumps({"overhead": overhead}), flush=True)
+    return rows, overhead
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--part", choices=["gfcg", "dynamic", "all"], default="all")
+    parser.add_argument("--cfg-scales", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--gfcg-scale", type=float, default=2.0)
+    parser.add_argument("--gfcg-rule", default="confusion")
+    parser.add_argument("--sweep", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    parser.add_argument("--timing-batch", type=int, default=50)
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    pipe = load_fashion_pipeline("fashion-flow", device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    judge = Judge(args.device)
+    labels = torch.arange(args.num_samples) % 10
+    result = {"environment": environment(), "device": args.device, "num_samples": args.num_samples,
+              "steps": args.steps, "model": "fashion-flow (FlowMatchEuler)"}
+    if args.part in ("gfcg", "all"):
+        result["gfcg"] = {"gfcg_scale": args.gfcg_scale, "rule": args.gfcg_rule, "rows": gfcg_part(pipe, judge, labels, args)}
+        write_result(f"gfcg_{args.device.split(':')[0]}", result["gfcg"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
+    if args.part in ("dynamic", "all"):
+        rows, overhead = dynamic_part(pipe, judge, labels, args)
+        result["dynamic"] = {"sweep": args.sweep, "rows": rows, "overhead": overhead}
+        write_result(f"dynamic_{args.device.split(':')[0]}", result["dynamic"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
+
+
+if __name__ == "__main__":
+    main()
