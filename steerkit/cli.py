@@ -72,13 +72,14 @@ def _scale_list(text: str) -> list[float]:
 def _guidance_spec(text: str):
     """A plain number stays a number (the stock CFG path); anything else must parse as a schedule."""
     from steerkit.guidance import parse_schedule
+    from steerkit.guidance.guiders import parse_combiner
 
     try:
         return _non_negative_float(text)
     except argparse.ArgumentTypeError:
         pass
     try:
-        return parse_schedule(text)
+        return parse_combiner(text) or parse_schedule(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_guidance_spec, default=None,
                      help="CFG scale (diffusers convention, 1 = off) or a schedule: linear:1->7.5, cosine:1->7.5, "
                           "power:1->7.5,2, clamp-linear:4,1, interval:4,0.3,5 (σ band), piecewise:0=1,0.5=6,1=2; "
+                          "or a combiner: apg:7.5[,eta,rescale], cfg-zero-star:4, cached-delta:7.5[,every]; "
                           "default: the model's")
     gen.add_argument("--adaptive-guidance", type=float, default=None, metavar="THRESHOLD",
                      help="Adaptive Guidance: per sample, drop the unconditional pass once cos(cond, uncond) ≥ THRESHOLD")

@@ -181,3 +181,17 @@ def test_feedback_guidance_errors(tiny_model_dir, tmp_path, capsys, extra, messa
                            *extra], capsys)
     assert code == 2
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.parametrize(("spec", "name"), [("apg:3,0.5", "AdaptiveProjectedGuidance"),
+                                            ("cfg-zero-star:3", "ClassifierFreeZeroStarGuidance"),
+                                            ("cached-delta:3", "CachedDeltaGuidance")])
+def test_combiners_from_the_command_line(tiny_model_dir, tmp_path, capsys, spec, name):
+    out = tmp_path / "out"
+    code, _, stderr = run(["generate", "class0", "--model", tiny_model_dir, "--steps", "4", "--guidance", spec,
+                           "--out", out], capsys)
+    assert code == 0, stderr
+    assert name in json.loads((out / "run.json").read_text())["resolved"]["guidance"]
+    code, _, stderr = run(["generate", "class0", "--model", tiny_model_dir, "--guidance", spec.split(":")[0] + ":x",
+                           "--out", tmp_path / "o2"], capsys)
+    assert code == 2 and "expected numbers" in stderr

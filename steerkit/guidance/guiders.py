@@ -86,3 +86,39 @@ class DiffusersGuider(Guidance):
 
     def __repr__(self) -> str:
         return f"DiffusersGuider({type(self.guider).__name__}(guidance_scale={getattr(self.guider, 'guidance_scale', None)}))"
+
+
+def parse_combiner(text: str) -> Guidance | None:
+    """The CLI forms of the combiners: ``apg:SCALE[,ETA[,RESCALE]]``, ``cfg-zero-star:SCALE``,
+    ``cached-delta:SCALE[,EVERY]``; ``None`` if ``text`` names none of them."""
+    name, _, arguments = text.partition(":")
+    name = name.strip().lower()
+    if name not in ("apg", "cfg-zero-star", "cached-delta"):
+        return None
+    try:
+        values = [float(v) for v in arguments.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected numbers after ':', got {arguments!r}") from None
+    if not values:
+        raise ValueError(f"{name} needs a scale, e.g. {name}:5")
+    if name == "cached-delta":
+        from .adaptive import CachedDeltaGuidance
+
+        every = int(values[1]) if len(values) > 1 else 2
+        return CachedDeltaGuidance(values[0], refresh_every=every)
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the guiders' "experimental" warning, once per CLI call
+    try:
+        if name == "apg":
+            eta = values[1] if len(values) > 1 else 1.0
+            rescale = values[2] if len(values) > 2 else 15.0
+            guider = AdaptiveProjectedGuidance(guidance_scale=values[0], eta=eta,
+                                               adaptive_projected_guidance_rescale=rescale)
+        else:
+            guider = ClassifierFreeZeroStarGuidance(guidance_scale=values[0])
+    finally:
+        diffusers_logging.set_verbosity(level)
+    return DiffusersGuider(guider)

@@ -1,0 +1,57 @@
+"""bench/fk_overhead: FK's wall-time overhead over best-of-k at equal NFEs (issue 5's ≤ 15% target).
+
+fashion-flow, stochastic FlowMatchEuler, CFG 1, k particles per class, the bundled classifier as
+reward. FK scores and resamples at 20/40/60/80% of the steps (4 reward calls + 1 final);
+best-of-k scores once at the end. Calls are interleaved so that load drift hits both equally.
+
+    python bench/fk_overhead.py [--device cpu|cuda] [--k 8] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment, interleaved_times, median, write_result  # noqa: E402
+
+from steerkit.smc import BestOfN, FKSteering  # noqa: E402
+from steerkit.zoo import load_fashion_pipeline  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = load_fashion_pipeline("fashion-flow", device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    labels = [i % 10 for i in range(args.prompts)]
+
+    def call(hook):
+        return lambda: pipe(class_labels=labels, num_particles=args.k, num_inference_steps=args.steps,
+                            guidance_scale=1.0, hooks=[hook], output_type="latent",
+                            generator=torch.Generator(args.device).manual_seed(0))
+
+    times = interleaved_times({"best-of-k": call(BestOfN("classifier:fashion")),
+                               "fk": call(FKSteering("classifier:fashion"))}, repeats=args.repeats, warmup=1)
+    ratio = median(times["fk"]) / median(times["best-of-k"])
+    result = {"benchmark": "fk_overhead", "environment": environment(), "settings": vars(args), "times": times,
+              "ratio": ratio, "overhead": ratio - 1, "target": "overhead <= 0.15", "met": ratio - 1 <= 0.15}
+    write_result(f"fk_overhead_{args.device.split(':')[0]}", result, args.out)
+    print(f"best-of-k {median(times['best-of-k']):.2f} s | fk {median(times['fk']):.2f} s | overhead {ratio - 1:+.1%}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
