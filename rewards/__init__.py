@@ -3,7 +3,8 @@
 from .base import CallableReward, Reward, WeightedSum
 from .classifier import ClassifierReward
 from .clip import ClipScore
+from .hub import MissingWeightsError
 from .registry import available_rewards, get_reward, register_reward
 
-__all__ = ["CallableReward", "ClassifierReward", "ClipScore", "Reward", "WeightedSum", "available_rewards", "get_reward",
-           "register_reward"]
+__all__ = ["CallableReward", "ClassifierReward", "ClipScore", "MissingWeightsError", "Reward", "WeightedSum",
+           "available_rewards", "get_reward", "register_reward"]

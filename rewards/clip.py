@@ -22,29 +22,57 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def unique_prompts(prompts: Sequence[object]) -> tuple[list[str], torch.Tensor]:
+    """``(distinct prompts as text, index [B] of each prompt among them)``, in first-seen order."""
+    position: dict[str, int] = {}
+    index = [position.setdefault(str(p), len(position)) for p in prompts]
+    return list(position), torch.tensor(index, dtype=torch.long)
+
+
 class ClipScore(Reward):
     """CLIP image–text similarity from an open_clip model and tokenizer (any architecture)."""
 
     name = "clip"
     batch_size = 32
 
-    def __init__(self, model: torch.nn.Module, tokenizer, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD):
+    def __init__(self, model: torch.nn.Module, tokenizer, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD,
+                 follow_device: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.resolution = image_size
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        # Models the registry loads itself follow the images to their device on first use.
+        self.follow_device = follow_device
+
+    def _device(self, images: torch.Tensor) -> torch.device:
+        device = next(self.model.parameters()).device
+        if self.follow_device and device != images.device:
+            self.model.to(images.device)
+            device = images.device
+        return device
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[object]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``[B, D]`` (float32) of images in [0, 1] at :attr:`resolution`."""
+        device = self._device(images)
         x = images.to(device, torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = (x - self.mean.to(device)) / self.std.to(device)
-        image = torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
-        text = torch.nn.functional.normalize(
-            self.model.encode_text(self.tokenizer([str(p) for p in prompts]).to(device)).float(), dim=-1)
-        return (100 * (image * text).sum(-1)).cpu()
+        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[object]) -> torch.Tensor:
+        """L2-normalised text embeddings ``[B, D]`` (float32), on the model's device."""
+        device = next(self.model.parameters()).device
+        unique, index = unique_prompts(prompts)  # particles usually share their prompt: encode it once
+        tokens = self.tokenizer(unique).to(device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)[index.to(device)]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[object]) -> torch.Tensor:
+        image = self.image_features(images)
+        return (100 * (image * self.text_features(prompts)).sum(-1)).cpu()
 
 
 def load_clip_score(spec: str = "", device: str = "cpu") -> ClipScore:
@@ -70,7 +98,7 @@ def load_clip_score(spec: str = "", device: str = "cpu") -> ClipScore:
     size = size[0] if isinstance(size, (tuple, list)) else size
     config = getattr(model.visual, "preprocess_cfg", {}) or {}
     return ClipScore(model, open_clip.get_tokenizer(model_name), int(size),
-                     mean=config.get("mean", OPENAI_MEAN), std=config.get("std", OPENAI_STD))
+                     mean=config.get("mean", OPENAI_MEAN), std=config.get("std", OPENAI_STD), follow_device=True)
 
 
 def _load_pretrained(open_clip, model_name: str, pretrained: str, device: str):

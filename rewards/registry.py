@@ -4,7 +4,8 @@ Specs :func:`get_reward` understands:
 
 - a registered name: ``"brightness"``; names are case-insensitive;
 - ``"name:argument"``: the factory gets the text after the first ``:``, e.g.
-  ``"classifier:fashion"``, ``"classifier:/path/to/saved/classifier"``, ``"clip:ViT-L-14/openai"``;
+  ``"classifier:fashion"``, ``"classifier:/path/to/saved/classifier"``, ``"clip:ViT-L-14/openai"``,
+  ``"hpsv2:v2.0"``, ``"pickscore:/path/to/dir"``;
 - a weighted sum: ``"0.7*classifier:fashion+0.3*brightness"``, ``"brightness - 0.5*contrast"``,
   ``"-contrast"``, ``"1e-2*clip+classifier"``. A weight is an unsigned number followed by ``*``;
   terms are joined by ``+`` or ``-``. Inside a sum, an argument cannot contain whitespace,
@@ -154,6 +155,31 @@ def _register_builtins() -> None:
         return load_clip_score(argument)
 
     register_reward("clip", clip)
+
+    def aesthetic(argument: str) -> Reward:
+        from .aesthetic import load_aesthetic
+
+        return load_aesthetic(argument)
+
+    def pickscore(argument: str) -> Reward:
+        from .pickscore import load_pickscore
+
+        return load_pickscore(argument)
+
+    def hpsv2(argument: str) -> Reward:
+        from .hpsv2 import load_hpsv2
+
+        return load_hpsv2(argument)
+
+    def imagereward(argument: str) -> Reward:
+        from .imagereward import load_imagereward
+
+        return load_imagereward(argument)
+
+    register_reward("aesthetic", aesthetic)
+    register_reward("pickscore", pickscore)
+    register_reward("hpsv2", hpsv2)
+    register_reward("imagereward", imagereward)
 
 
 _register_builtins()

@@ -7,7 +7,7 @@ from steerkit.rewards import ClassifierReward, Reward, available_rewards, get_re
 
 def test_registry_names_and_errors():
     assert {"brightness", "contrast", "saturation", "classifier"} <= set(available_rewards())
-    with pytest.raises(ValueError, match="unknown reward 'clipp'; available: brightness"):
+    with pytest.raises(ValueError, match="unknown reward 'clipp'; available: aesthetic, brightness, classifier, clip"):
         get_reward("clipp")
     with pytest.raises(ValueError, match="takes no argument"):
         get_reward("brightness:3")

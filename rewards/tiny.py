@@ -1,0 +1,170 @@
+"""Tiny, randomly initialised checkpoints of the hub rewards, in their published file layouts.
+
+For offline tests and benchmarks: each ``write_*`` function saves a checkpoint with the real
+architecture at toy sizes, in the layout the real loader reads (HPSv2's ``{"state_dict": ...}``
+torch file, ImageReward's ``blip.*``/``mlp.*`` keys, a ``save_pretrained`` PickScore directory, an
+aesthetic head ``.pth``), so the loaders are exercised from files. The scores mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+__all__ = ["TINY_OPEN_CLIP", "WORDS", "register_tiny_open_clip", "write_aesthetic_head", "write_clip_tokenizer", "write_hpsv2",
+           "write_imagereward", "write_pickscore"]
+
+TINY_OPEN_CLIP = "TinyCLIP768-steerkit"
+# A 768-d embedding, like ViT-L/14, so the real-size aesthetic head fits it.
+_OPEN_CLIP_CONFIG = {
+    "embed_dim": 768,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+WORDS = ["a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "car", "house", "tree", "on", "in"]
+
+
+def register_tiny_open_clip(directory: str | Path) -> str:
+    """Register the tiny open_clip architecture :data:`TINY_OPEN_CLIP` (config written to ``directory``)."""
+    import open_clip
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(_OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(directory)
+    return TINY_OPEN_CLIP
+
+
+def write_aesthetic_head(directory: str | Path, seed: int = 0, suffix: str = ".pth") -> Path:
+    """A real-size aesthetic head (768-d input) with random weights, as ``.pth`` (torch.save) or ``.safetensors``."""
+    head = _random_head(768, seed)
+    path = Path(directory) / f"aesthetic-head{suffix}"
+    _save(head.state_dict(), path)
+    return path
+
+
+def write_hpsv2(directory: str | Path, seed: int = 0, suffix: str = ".pt") -> Path:
+    """A tiny open_clip model saved like HPSv2's checkpoint (``{"state_dict": ...}``); needs :func:`register_tiny_open_clip`."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
+    path = Path(directory) / f"HPS_v2.1_compressed{suffix}"
+    if suffix == ".safetensors":
+        _save(model.state_dict(), path)
+    else:
+        torch.save({"state_dict": {k: v.half() for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for character in string.ascii_lowercase:
+        vocab[character] = len(vocab)
+        vocab[character + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def write_pickscore(directory: str | Path, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """A tiny transformers ``CLIPModel`` (and a character-level CLIP tokenizer) saved with ``save_pretrained``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if with_tokenizer:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_clip_tokenizer(directory: str | Path) -> Path:
+    """The tiny CLIP tokenizer alone (for a processor directory separate from the model)."""
+    _clip_tokenizer().save_pretrained(directory)
+    return Path(directory)
+
+
+def write_imagereward(directory: str | Path, seed: int = 0, width: int = 64, layers: int = 2, text_width: int = 64,
+                      patch: int = 8, image_size: int = 32) -> Path:
+    """A tiny ImageReward checkpoint with BLIP's original key names, and a BERT ``vocab.txt``, in ``directory``."""
+    from transformers import BlipTextConfig, BlipTextModel
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=generator) * shape[-1] ** -0.5
+
+    def norm(n):
+        return 1 + 0.1 * torch.randn(n, generator=generator), 0.1 * torch.randn(n, generator=generator)
+
+    state = {}
+    v = "blip.visual_encoder."
+    state[v + "cls_token"] = 0.1 * torch.randn(1, 1, width, generator=generator)
+    state[v + "pos_embed"] = 0.1 * torch.randn(1, (image_size // patch) ** 2 + 1, width, generator=generator)
+    state[v + "patch_embed.proj.weight"] = weight(width, 3, patch, patch) / patch
+    state[v + "patch_embed.proj.bias"] = 0.1 * torch.randn(width, generator=generator)
+    for i in range(layers):
+        b = f"{v}blocks.{i}."
+        state[b + "norm1.weight"], state[b + "norm1.bias"] = norm(width)
+        state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"] = weight(3 * width, width), 0.1 * torch.randn(
+            3 * width, generator=generator)
+        state[b + "attn.proj.weight"], state[b + "attn.proj.bias"] = weight(width, width), torch.zeros(width)
+        state[b + "norm2.weight"], state[b + "norm2.bias"] = norm(width)
+        state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"] = weight(4 * width, width), torch.zeros(4 * width)
+        state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"] = weight(width, 4 * width), torch.zeros(width)
+    state[v + "norm.weight"], state[v + "norm.bias"] = norm(width)
+    # BLIP's med.py BERT and transformers' BlipTextModel share key names.
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    text_config = BlipTextConfig(vocab_size=len(words) + 2, hidden_size=text_width, encoder_hidden_size=width,
+                                 intermediate_size=2 * text_width, num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=64, is_decoder=True, pad_token_id=0, bos_token_id=None,
+                                 eos_token_id=None, sep_token_id=None)
+    torch.manual_seed(seed)
+    text = BlipTextModel(text_config, add_pooling_layer=False)
+    for key, value in text.state_dict().items():
+        state["blip.text_encoder." + key] = value.clone()
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(64)[None]
+    state["blip.vision_proj.weight"], state["blip.text_proj.weight"] = weight(16, width), weight(16, text_width)
+    for key, value in _random_head(text_width, seed).state_dict().items():
+        state["mlp." + key] = value.clone()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "ImageReward.pt")
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    return directory
+
+
+def _random_head(width: int, seed: int):
+    """A :class:`RatingMLP` whose output varies visibly with its input (unit-variance layers)."""
+    from .aesthetic import RatingMLP
+
+    torch.manual_seed(seed)
+    head = RatingMLP(width)
+    for module in head.layers:
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+            torch.nn.init.normal_(module.bias, std=0.1)
+    return head
+
+
+def _save(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
