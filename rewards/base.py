@@ -6,7 +6,9 @@ name or id for class-conditional models. Higher is better.
 
 A reward subclass implements :meth:`Reward.__call__` on one chunk and declares:
 
-- ``input_space``: what it reads; ``"pixels"`` (decoded images in [0, 1]) for every reward here;
+- ``input_space``: what it reads: ``"pixels"`` (decoded images in [0, 1]; every built-in reward),
+  or ``"latents"`` (the model's x̂0 latents, as the model samples them: nothing is decoded for it;
+  ``resolution`` must then be ``None``);
 - ``resolution``: the square size it wants (images are resized, antialiased, before the call), or
   ``None`` for any size;
 - ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches.
@@ -24,7 +26,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallableReward", "Reward", "WeightedSum"]
+__all__ = ["INPUT_SPACES", "CallableReward", "Reward", "WeightedSum"]
+
+INPUT_SPACES = ("pixels", "latents")
 
 
 class Reward:
@@ -80,8 +84,11 @@ class Reward:
 class CallableReward(Reward):
     """Wrap any ``f(images, prompts) -> [B]`` callable as a :class:`Reward`."""
 
-    def __init__(self, function: Callable[..., torch.Tensor], name: str | None = None, batch_size: int = 64):
-        self.function, self.batch_size = function, batch_size
+    def __init__(self, function: Callable[..., torch.Tensor], name: str | None = None, batch_size: int = 64,
+                 input_space: str = "pixels"):
+        if input_space not in INPUT_SPACES:
+            raise ValueError(f"input_space must be one of {INPUT_SPACES}, got {input_space!r}")
+        self.function, self.batch_size, self.input_space = function, batch_size, input_space
         self.name = name or getattr(function, "__name__", type(function).__name__)
 
     def __call__(self, images, prompts):
@@ -103,6 +110,11 @@ class WeightedSum(Reward):
                 raise TypeError(f"weighted sum terms are (weight, Reward) pairs, got {type(reward).__name__}")
             if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
                 raise TypeError(f"weighted sum weights are numbers, got {weight!r}")
+        spaces = {getattr(r, "input_space", "pixels") for _, r in terms}
+        if len(spaces) > 1:
+            raise ValueError(f"a weighted sum cannot mix rewards that read pixels with rewards that read latents "
+                             f"({', '.join(f'{r.name}: {r.input_space}' for _, r in terms)})")
+        self.input_space = spaces.pop()
         self.terms = [(float(w), r) for w, r in terms]
         self.name = _format_sum(self.terms)
         # The terms chunk themselves; the sum only has to pass each of them whole batches.

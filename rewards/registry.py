@@ -142,6 +142,13 @@ def _register_builtins() -> None:
     for cls in (simple.Brightness, simple.Contrast, simple.Saturation):
         register_reward(cls.name, _no_argument(cls))
 
+    def compressibility(argument: str) -> Reward:
+        if argument and not argument.isdigit():
+            raise ValueError(f"reward 'compressibility' takes a JPEG quality (an integer in [1, 95]), got {argument!r}")
+        return simple.Compressibility(int(argument) if argument else 95)
+
+    register_reward("compressibility", compressibility)
+
     def classifier(argument: str) -> Reward:
         from .classifier import load_classifier_reward
 

@@ -38,6 +38,8 @@ class StepInfo:
         guidance_scale: the scale used: a float, a per-row list, or ``None`` (conditional only).
         ancestors: parent row of every row when particles were resampled this step, else ``None``.
         extras: method-specific values (ESS, rewards, reference classes, ...), filled by hooks.
+        decoded_rows: x̂0 latents decoded for rewards this step (by every consumer together).
+        reused_decoded_rows: x̂0 latents whose decoded images a consumer got from another's decode.
     """
 
     step: int
@@ -48,6 +50,8 @@ class StepInfo:
     guidance_scale: Any = None
     ancestors: list[int] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    decoded_rows: int = 0
+    reused_decoded_rows: int = 0
 
 
 @dataclass
@@ -77,6 +81,11 @@ class RunTrace:
         return sum(info.model_calls for info in self.steps)
 
     @property
+    def decoded_rows(self) -> int:
+        """x̂0 latents decoded for rewards during the run (final samples scored by hooks not included)."""
+        return sum(info.decoded_rows for info in self.steps)
+
+    @property
     def guidance_scales(self) -> list[Any]:
         return [info.guidance_scale for info in self.steps]
 
@@ -92,6 +101,7 @@ class RunTrace:
             "nfe": self.nfe,
             "total_nfe": self.total_nfe,
             "model_calls": self.model_calls,
+            "decoded_rows": self.decoded_rows,
             "timings": self.timings,
             "extras": _jsonable(self.extras),
             "steps": [_jsonable(asdict(info)) for info in self.steps],

@@ -235,6 +235,7 @@ def denoise(
                 conditioning = conditioning.select(index, rows)
                 reindex_scheduler_state(scheduler, index, rows)
                 info.ancestors = index.tolist()
+        info.decoded_rows, info.reused_decoded_rows = ctx.decoder.decoded_rows, ctx.decoder.reused_rows
         state.latents = scheduler.step(model_output, t, state.latents, **step_kwargs, return_dict=False)[0]
         trace.steps.append(info)
         if callback is not None:

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from steerkit.decoding import StepDecoder
+
 
 @dataclass(frozen=True)
 class StepContext:
@@ -45,6 +47,8 @@ class StepContext:
     #: Diagnostics a guidance adds for this step; the loop copies them into ``StepInfo.extras``.
     #: The key ``"guidance_scale"`` replaces the recorded scale (for scales chosen in ``combine``).
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Decodes x̂0 for rewards once per step, for every consumer (see :mod:`steerkit.decoding`).
+    decoder: StepDecoder = field(default_factory=StepDecoder)
 
     @property
     def num_rows(self) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from steerkit.decoding import StepDecoder, check_decode_options, reward_inputs
 from steerkit.schedulers import predict_x0
 
 from .base import ClassifierFreeGuidance, Guidance, Scale, StepContext, check_scale
@@ -64,11 +65,14 @@ class DynamicGuidance(Guidance):
         weighting: ``"adaptive"`` (relative score change, see above) or ``"fixed"``.
         weights: one weight per evaluator for ``weighting="fixed"`` (default: equal).
         decode_batch: most x̂0 decoded per ``adapter.decode`` call (``None``: all at once).
+        decode_scale: score the candidates' x̂0 at this fraction of the resolution (``1``: full;
+            see :mod:`steerkit.decoding`): the cheap option when evaluators are costly.
     """
 
     def __init__(self, evaluators: Any = "classifier:evaluator", candidates: Sequence[float] = (1.0, 3.0, 7.5, 11.0, 15.0),
                  prior: Guidance | float = 7.5, window: Sequence[float] = (0.0, 1.0), weighting: str = "adaptive",
-                 weights: Sequence[float] | None = None, decode_batch: int | None = None):
+                 weights: Sequence[float] | None = None, decode_batch: int | None = None,
+                 decode_scale: float = 1.0):
         specs = list(evaluators) if isinstance(evaluators, (list, tuple)) else [evaluators]
         if not specs:
             raise ValueError("dynamic CFG needs at least one evaluator")
@@ -84,8 +88,7 @@ class DynamicGuidance(Guidance):
             weights = [float(w) for w in weights]
             if len(weights) != len(specs) or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) == 0:
                 raise ValueError(f"weights must be {len(specs)} finite numbers ≥ 0, not all 0, got {weights!r}")
-        if decode_batch is not None and (isinstance(decode_batch, bool) or not isinstance(decode_batch, int) or decode_batch < 1):
-            raise ValueError(f"decode_batch must be None or an integer ≥ 1, got {decode_batch!r}")
+        self.decode_batch, self.decode_scale = check_decode_options(decode_batch, decode_scale)
         self.evaluator_specs = specs
         self.candidates = [float(c) for c in candidates]
         if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
@@ -98,7 +101,6 @@ class DynamicGuidance(Guidance):
         self.window = _window(window)
         self.weighting = weighting
         self.weights = weights or [1.0] * len(specs)
-        self.decode_batch = decode_batch
         self._run = None
 
     # --- set-up --------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class DynamicGuidance(Guidance):
         latents = ctx.state.latents.index_select(0, index.to(ctx.state.latents.device)).repeat_interleave(count, dim=0)
         with torch.no_grad():
             x0 = predict_x0(ctx.scheduler, flat, latents, ctx.timestep)
-            total, weights, nonfinite = self._scores(x0, index, count, stats)
+            total, weights, nonfinite = self._scores(x0, index, count, stats, ctx.decoder)
         fallback = torch.isneginf(total).all(dim=1)
         choice = torch.where(fallback, torch.zeros_like(fallback, dtype=torch.long), total.argmax(dim=1))
         chosen = scales[torch.arange(len(index)), choice]
@@ -158,16 +160,13 @@ class DynamicGuidance(Guidance):
                                      "nonfinite_scores": nonfinite, "fallback_rows": index[fallback].tolist()}
         return guided_all[torch.arange(len(index), device=cond.device), choice.to(cond.device)]
 
-    def _scores(self, x0: torch.Tensor, index: torch.Tensor, count: int, stats: dict):
+    def _scores(self, x0: torch.Tensor, index: torch.Tensor, count: int, stats: dict, decoder: StepDecoder):
         """Weighted, standardised evaluator scores ``[rows, count]`` (−inf where not finite)."""
         prompts = [self.row_prompts[int(i)] for i in index for _ in range(count)]
-        images = None
-        if any(getattr(e, "input_space", "pixels") != "latents" for e in self.evaluators):
-            step = self.decode_batch or x0.shape[0]
-            images = torch.cat([self.adapter.decode(x0[i:i + step]) for i in range(0, x0.shape[0], step)])
         standardised, raw_means, nonfinite = [], [], 0
         for evaluator in self.evaluators:
-            inputs = x0 if getattr(evaluator, "input_space", "pixels") == "latents" else images
+            # Pixel evaluators share one decode of the candidates' x̂0 (the step's decoder caches it).
+            inputs = reward_inputs(evaluator, self.adapter, x0, decoder, self.decode_batch, self.decode_scale)
             scores = evaluator.score(inputs, prompts).double().cpu().view(len(index), count)
             finite = torch.isfinite(scores)
             nonfinite += int((~finite).sum())

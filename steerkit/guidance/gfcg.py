@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from steerkit.decoding import reward_inputs
 from steerkit.schedulers import predict_x0
 
 from .base import BranchRequest, ClassifierFreeGuidance, Guidance, Scale, StepContext, check_scale
@@ -114,6 +115,7 @@ class GradientFreeClassifierGuidance(Guidance):
         if "{}" not in template:
             raise ValueError(f"template must contain '{{}}' where the label goes, got {template!r}")
         self.classifier_spec = classifier
+        self.classifier = None  # loaded from the registry in start_run
         self.omega_max, self.rule, self.min_fraction = float(scale), rule, float(min_fraction)
         self.window = _window(window)
         self.reference_mode = reference
@@ -213,7 +215,7 @@ class GradientFreeClassifierGuidance(Guidance):
         """Classify x̂0 of ``model_output`` and set every row's reference class and ω."""
         with torch.no_grad():
             x0 = predict_x0(ctx.scheduler, model_output, ctx.state.latents, ctx.timestep)
-            log_probs = self._log_probs(self.adapter.decode(x0))
+            log_probs = self._log_probs(reward_inputs(self.classifier, self.adapter, x0, ctx.decoder))
         stats = ctx.state.stats
         target = stats[TARGET]
         arange = torch.arange(log_probs.shape[0])

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from steerkit.decoding import StepDecoder, check_decode_options, reward_inputs
 from steerkit.protocols import RunContext, SteeringHook
 from steerkit.schedulers import is_stochastic
 
@@ -71,19 +72,17 @@ def _check_lambda(lmbda: Any) -> float:
 class _RewardHook(SteeringHook):
     """Shared by FK and best-of-N: decoding and scoring particles, and choosing the rows to return."""
 
-    def __init__(self, reward: Any, select: str, seed: int, decode_batch: int | None):
+    def __init__(self, reward: Any, select: str, seed: int, decode_batch: int | None, decode_scale: float = 1.0):
         from steerkit.rewards import get_reward
 
         if select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {select!r}")
         if not _is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        if decode_batch is not None and (not _is_int(decode_batch) or decode_batch < 1):
-            raise ValueError(f"decode_batch must be None or an integer ≥ 1, got {decode_batch!r}")
+        self.decode_batch, self.decode_scale = check_decode_options(decode_batch, decode_scale)
         self.reward = get_reward(reward)
         self.select_mode = select
         self.seed = int(seed)
-        self.decode_batch = decode_batch
 
     def start(self, run: RunContext, state) -> None:
         if len(run.prompts) != run.num_prompts:
@@ -97,17 +96,20 @@ class _RewardHook(SteeringHook):
         # mapping holds for the whole run.
         self.row_prompts = [run.prompts[row // run.num_particles] for row in range(state.batch_size)]
 
-    def score(self, latents: torch.Tensor) -> torch.Tensor:
-        """Rewards ``[P*K]`` (float64, CPU) of the decoded ``latents`` (x̂0 or final samples)."""
-        rows = latents.shape[0]
-        step = self.decode_batch or rows
+    def score(self, latents: torch.Tensor, decoder: StepDecoder | None = None) -> torch.Tensor:
+        """Rewards ``[P*K]`` (float64, CPU) of ``latents`` (x̂0 or final samples).
+
+        With a step's ``decoder`` (intermediate x̂0), images are shared with the step's other
+        consumers and scored at ``decode_scale``; final samples (no decoder) are scored at full
+        resolution, so the terminal weights tilt by the full-resolution reward.
+        """
+        scale = self.decode_scale if decoder is not None else 1.0
         with torch.no_grad():
-            images = torch.cat([self.run.adapter.decode(latents[i:i + step]) for i in range(0, rows, step)])
-        if images.shape[0] != rows:
-            raise ValueError(f"adapter.decode returned {images.shape[0]} images for {rows} latents")
+            inputs = reward_inputs(self.reward, self.run.adapter, latents, decoder, self.decode_batch, scale)
+            rewards = self.reward.score(inputs, self.row_prompts)
         self.reward_calls += 1
-        self.images_scored += rows
-        return self.reward.score(images, self.row_prompts).to(torch.float64).cpu()
+        self.images_scored += latents.shape[0]
+        return rewards.to(torch.float64).cpu()
 
     def _selection(self, state, final_rewards: torch.Tensor, final_log_weights: torch.Tensor) -> torch.Tensor | None:
         k = state.num_particles
@@ -155,6 +157,8 @@ class FKSteering(_RewardHook):
             scheduler and its step arguments (:func:`steerkit.schedulers.is_stochastic`), and FK
             warns when it is deterministic; ``True`` silences the warning, ``False`` forces it.
         decode_batch: most latents decoded per ``adapter.decode`` call (``None``: all at once).
+        decode_scale: score intermediate x̂0 at this fraction of the resolution (``1``: full; see
+            :mod:`steerkit.decoding`); the final samples are always scored at full resolution.
 
     Diagnostics: each scoring step's ``StepInfo.extras["fk"]`` has ``rewards`` (per row), ``ess``
     (per prompt, after re-weighting), ``resampled``, ``resampled_prompts``, ``nonfinite_rewards``
@@ -166,7 +170,7 @@ class FKSteering(_RewardHook):
     def __init__(self, reward: Any = "classifier:fashion", lmbda: float = 10.0, potential: str = "difference",
                  resampler: Any = "systematic", resample_at: Any = None, ess_threshold: float | None = None,
                  select: str = "best", seed: int = 0, stochastic: bool | None = None,
-                 decode_batch: int | None = None):
+                 decode_batch: int | None = None, decode_scale: float = 1.0):
         if potential not in potentials.POTENTIALS:
             raise ValueError(f"unknown potential {potential!r}; valid: {list(potentials.POTENTIALS)}")
         self.lmbda = _check_lambda(lmbda)
@@ -183,7 +187,7 @@ class FKSteering(_RewardHook):
         self.stochastic = stochastic
         self._check_resample_at()
         self._warned = False
-        super().__init__(reward, select, seed, decode_batch)
+        super().__init__(reward, select, seed, decode_batch, decode_scale)
 
     # --- when to score and resample ------------------------------------------------------------
     def _check_resample_at(self) -> None:
@@ -269,7 +273,7 @@ class FKSteering(_RewardHook):
             return None
         if state.x0_hat is None:
             raise RuntimeError("FKSteering needs state.x0_hat at its scoring steps (the loop computes it when needs_x0)")
-        rewards = self.score(state.x0_hat)
+        rewards = self.score(state.x0_hat, ctx.decoder)
         degenerate = self._reweight(state, rewards, terminal=False)
         ess = effective_sample_size(state.log_weights)
         p, k = state.num_prompts, state.num_particles
