@@ -93,7 +93,11 @@ def dynamic_part(pipe, judge, labels, args) -> tuple[list[dict], dict]:
     }
     for name, guidance in variants.items():
         rows.append(run_row(pipe, judge, name, guidance, labels, args.steps, args.batch))
-    # Evaluator overhead: dynamic CFG vs constant CFG, same batch, same NFEs, interleaved.
+    return rows, evaluator_overhead(pipe, labels, args)
+
+
+def evaluator_overhead(pipe, labels, args) -> dict:
+    """Dynamic CFG vs constant CFG, same batch, same NFEs, interleaved: the evaluators' share of the time."""
     timing_labels = labels[: args.timing_batch].tolist()
 
     def call(guidance):
@@ -106,7 +110,7 @@ def dynamic_part(pipe, judge, labels, args) -> tuple[list[dict], dict]:
     overhead = {"batch": len(timing_labels), "cfg_s": median(times["cfg"]), "dynamic_s": median(times["dynamic"]),
                 "fraction": median(times["dynamic"]) / median(times["cfg"]) - 1, "times": times}
     print(json.dumps({"overhead": overhead}), flush=True)
-    return rows, overhead
+    return overhead
 
 
 def main(argv=None):
@@ -115,7 +119,8 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--part", choices=["gfcg", "dynamic", "all"], default="all")
+    parser.add_argument("--part", choices=["gfcg", "dynamic", "overhead", "all"],
+                        help="overhead: only dynamic CFG's evaluator-overhead timing (bench/results/dynamic_overhead_*.json)", default="all")
     parser.add_argument("--cfg-scales", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--gfcg-scale", type=float, default=2.0)
     parser.add_argument("--gfcg-rule", default="confusion")
@@ -134,6 +139,10 @@ def main(argv=None):
     if args.part in ("gfcg", "all"):
         result["gfcg"] = {"gfcg_scale": args.gfcg_scale, "rule": args.gfcg_rule, "rows": gfcg_part(pipe, judge, labels, args)}
         write_result(f"gfcg_{args.device.split(':')[0]}", result["gfcg"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
+    if args.part == "overhead":
+        overhead = evaluator_overhead(pipe, labels, args)
+        write_result(f"dynamic_overhead_{args.device.split(':')[0]}", {"sweep": args.sweep, "overhead": overhead,
+                     "common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
     if args.part in ("dynamic", "all"):
         rows, overhead = dynamic_part(pipe, judge, labels, args)
         result["dynamic"] = {"sweep": args.sweep, "rows": rows, "overhead": overhead}

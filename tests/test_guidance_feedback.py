@@ -242,6 +242,32 @@ def test_dynamic_cfg_takes_the_best_candidate_per_sample(pipe):
     assert len({s for step in out.steering.steps for s in step.guidance_scale}) > 1  # it does choose
 
 
+def test_dynamic_cfg_scores_a_prior_that_is_a_candidate_once_with_the_same_result(pipe, monkeypatch):
+    from steerkit.guidance import dynamic
+
+    seen = []
+
+    def brightness(images, prompts):
+        seen.append(images.shape[0])
+        return images.flatten(1).mean(1)
+
+    def contrast(images, prompts):
+        return images.flatten(1).std(1)
+
+    def sample():
+        seen.clear()
+        return run(pipe, DynamicGuidance([brightness, contrast], candidates=(1.0, 2.0, 4.0, 6.0), prior=4.0))
+
+    deduplicated = sample()
+    assert seen == [4 * 4] * len(deduplicated.steering.steps)  # 4 rows × 4 distinct scales, not 5
+    monkeypatch.setattr(dynamic, "_distinct_columns", lambda scales: torch.arange(scales.shape[1]))
+    every_column = sample()
+    assert seen == [4 * 5] * len(every_column.steering.steps)
+    assert torch.equal(deduplicated.images, every_column.images)
+    assert [s.guidance_scale for s in deduplicated.steering.steps] == [s.guidance_scale for s in every_column.steering.steps]
+    assert len({x for s in deduplicated.steering.steps for x in s.guidance_scale}) > 1  # it does choose
+
+
 def test_dynamic_cfg_window_and_fallback(pipe):
     nan = CallableReward(lambda images, prompts: torch.full((images.shape[0],), math.nan))
     out = run(pipe, DynamicGuidance(nan, candidates=(1.0, 5.0), prior=LinearSchedule(1.0, 3.0), window=(0.5, 1.0)))

@@ -146,11 +146,16 @@ class DynamicGuidance(Guidance):
         scales = torch.cat([prior[:, None], torch.tensor(self.candidates).expand(len(index), -1)], dim=1)
         per_candidate = scales.to(cond.device, cond.dtype).reshape(len(index), count, *([1] * (cond.ndim - 1)))
         guided_all = uncond[:, None] + per_candidate * (cond - uncond)[:, None]
-        flat = guided_all.flatten(0, 1)
-        latents = ctx.state.latents.index_select(0, index.to(ctx.state.latents.device)).repeat_interleave(count, dim=0)
+        # A prior that is one of the candidates (the usual case) is scored once: its column's
+        # scores are copied, so the standardisation and the tie-break see all columns as before.
+        columns = _distinct_columns(scales)
+        kept = sorted(set(columns.tolist()))
+        flat = guided_all[:, kept].flatten(0, 1)
+        latents = ctx.state.latents.index_select(0, index.to(ctx.state.latents.device)).repeat_interleave(len(kept), dim=0)
         with torch.no_grad():
             x0 = predict_x0(ctx.scheduler, flat, latents, ctx.timestep)
-            total, weights, nonfinite = self._scores(x0, index, count, stats, ctx.decoder)
+            source = torch.tensor([kept.index(c) for c in columns.tolist()])
+            total, weights, nonfinite = self._scores(x0, index, source, stats, ctx.decoder)
         fallback = torch.isneginf(total).all(dim=1)
         choice = torch.where(fallback, torch.zeros_like(fallback, dtype=torch.long), total.argmax(dim=1))
         chosen = scales[torch.arange(len(index)), choice]
@@ -160,14 +165,19 @@ class DynamicGuidance(Guidance):
                                      "nonfinite_scores": nonfinite, "fallback_rows": index[fallback].tolist()}
         return guided_all[torch.arange(len(index), device=cond.device), choice.to(cond.device)]
 
-    def _scores(self, x0: torch.Tensor, index: torch.Tensor, count: int, stats: dict, decoder: StepDecoder):
-        """Weighted, standardised evaluator scores ``[rows, count]`` (−inf where not finite)."""
-        prompts = [self.row_prompts[int(i)] for i in index for _ in range(count)]
+    def _scores(self, x0: torch.Tensor, index: torch.Tensor, source: torch.Tensor, stats: dict, decoder: StepDecoder):
+        """Weighted, standardised evaluator scores ``[rows, columns]`` (−inf where not finite).
+
+        ``x0`` holds the distinct candidates of each row, ``[rows × distinct, ...]``; column ``j``
+        of the result is distinct candidate ``source[j]``.
+        """
+        distinct = x0.shape[0] // len(index)
+        prompts = [self.row_prompts[int(i)] for i in index for _ in range(distinct)]
         standardised, raw_means, nonfinite = [], [], 0
         for evaluator in self.evaluators:
             # Pixel evaluators share one decode of the candidates' x̂0 (the step's decoder caches it).
             inputs = reward_inputs(evaluator, self.adapter, x0, decoder, self.decode_batch, self.decode_scale)
-            scores = evaluator.score(inputs, prompts).double().cpu().view(len(index), count)
+            scores = evaluator.score(inputs, prompts).double().cpu().view(len(index), distinct)[:, source]
             finite = torch.isfinite(scores)
             nonfinite += int((~finite).sum())
             safe = torch.where(finite, scores, torch.zeros_like(scores))
@@ -203,6 +213,17 @@ class DynamicGuidance(Guidance):
     def __repr__(self) -> str:
         return (f"DynamicGuidance(evaluators={self.evaluator_specs!r}, candidates={self.candidates}, "
                 f"prior={self.prior!r}, window={self.window}, weighting={self.weighting!r})")
+
+
+def _distinct_columns(scales: torch.Tensor) -> torch.Tensor:
+    """For each column of ``scales`` ``[rows, columns]``, the first column equal to it in every row."""
+    first = torch.arange(scales.shape[1])
+    for j in range(scales.shape[1]):
+        for earlier in range(j):
+            if first[earlier] == earlier and bool((scales[:, earlier] == scales[:, j]).all()):
+                first[j] = earlier
+                break
+    return first
 
 
 class _ConstantPrior(ClassifierFreeGuidance):
