@@ -229,9 +229,9 @@ def denoise(
         for hook in hooks:
             ancestors = hook.on_step(ctx, state, info)
             if ancestors is not None:
-                state = state.reindex(ancestors, step=i)
+                state = state.reindex(ancestors, step=i, take=hook.take_rows)
                 index = state.ancestry[-1][1].to(model_output.device)
-                model_output = model_output.index_select(0, index)
+                model_output = hook.take_rows(model_output, index)
                 conditioning = conditioning.select(index, rows)
                 reindex_scheduler_state(scheduler, index, rows)
                 info.ancestors = index.tolist()

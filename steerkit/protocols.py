@@ -108,6 +108,16 @@ class SteeringHook:
         """Return ``[P*K]`` ancestor indices to resample, or ``None``."""
         return None
 
+    def take_rows(self, rows: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        """Row ``j`` of the result continues row ``ancestors[j]`` of the per-row tensor ``rows``.
+
+        After :meth:`on_step` returned ``ancestors``, the loop moves the latents, x̂0, statistics and
+        the guided prediction through this. A hook whose particles live on several processes
+        overrides it to fetch rows that another process holds
+        (:class:`~steerkit.smc.sharded.ShardedFKSteering`).
+        """
+        return rows.index_select(0, ancestors.to(rows.device))
+
     def finish(self, state: ParticleState, info: dict[str, Any]) -> None:
         pass
 

@@ -194,24 +194,24 @@ def velocity_to_x0(v: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
 # --- re-indexing per-sample state ---------------------------------------------------------------
 
 
-def reindex_rows(value: Any, index: torch.Tensor, batch_size: int, min_ndim: int = 1) -> Any:
+def reindex_rows(value: Any, index: torch.Tensor, batch_size: int, min_ndim: int = 1, take: Any = None) -> Any:
     """Select rows ``index`` of every tensor with a leading batch dimension inside ``value``.
 
     Walks lists, tuples and dicts; leaves anything else (floats, ``None``, tensors of other
     shapes or with fewer than ``min_ndim`` dimensions) untouched. Returns the same object when
-    nothing changed.
+    nothing changed. ``take(tensor, index)`` replaces ``index_select`` (particles on several processes).
     """
     if isinstance(value, torch.Tensor):
         if value.ndim >= min_ndim and value.shape[0] == batch_size:
-            return value.index_select(0, index.to(value.device))
+            return value.index_select(0, index.to(value.device)) if take is None else take(value, index)
         return value
     if isinstance(value, (list, tuple)):
-        new = [reindex_rows(v, index, batch_size, min_ndim) for v in value]
+        new = [reindex_rows(v, index, batch_size, min_ndim, take) for v in value]
         if all(a is b for a, b in zip(new, value)):
             return value
         return type(value)(new)
     if isinstance(value, dict):
-        new_dict = {k: reindex_rows(v, index, batch_size, min_ndim) for k, v in value.items()}
+        new_dict = {k: reindex_rows(v, index, batch_size, min_ndim, take) for k, v in value.items()}
         if all(new_dict[k] is value[k] for k in value):
             return value
         return new_dict

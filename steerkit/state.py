@@ -14,6 +14,7 @@ bound to row slots, so that two copies of a resampled particle draw different no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,20 +61,31 @@ class ParticleState:
         """View a ``[P*K, ...]`` per-row tensor as ``[P, K, ...]``."""
         return rows.reshape(self.num_prompts, self.num_particles, *rows.shape[1:])
 
-    def reindex(self, ancestors: torch.Tensor, step: int) -> ParticleState:
-        """A new state in which row ``j`` continues row ``ancestors[j]`` (see the module docstring)."""
+    def reindex(self, ancestors: torch.Tensor, step: int, take: Any = None) -> ParticleState:
+        """A new state in which row ``j`` continues row ``ancestors[j]`` (see the module docstring).
+
+        ``take(rows, ancestors)`` moves each per-row tensor (default ``index_select``); particles
+        sharded over processes pass one that fetches rows other processes hold
+        (:meth:`~steerkit.protocols.SteeringHook.take_rows`). Log-weights stay local: the hook that
+        resamples has already set them.
+        """
         ancestors = check_ancestors(ancestors, self.num_prompts, self.num_particles)
         rows = self.batch_size
+        take = take or _index_rows
         flat_weights = self.log_weights.reshape(-1).index_select(0, ancestors.to(self.log_weights.device))
         return ParticleState(
-            latents=self.latents.index_select(0, ancestors.to(self.latents.device)),
+            latents=take(self.latents, ancestors),
             num_prompts=self.num_prompts,
             num_particles=self.num_particles,
             log_weights=flat_weights.reshape(self.num_prompts, self.num_particles),
-            x0_hat=None if self.x0_hat is None else self.x0_hat.index_select(0, ancestors.to(self.x0_hat.device)),
-            stats={k: reindex_rows(v, ancestors, rows) for k, v in self.stats.items()},
+            x0_hat=None if self.x0_hat is None else take(self.x0_hat, ancestors),
+            stats={k: reindex_rows(v, ancestors, rows, take=take) for k, v in self.stats.items()},
             ancestry=[*self.ancestry, (step, ancestors.cpu())],
         )
+
+
+def _index_rows(rows: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    return rows.index_select(0, ancestors.to(rows.device))
 
 
 def check_ancestors(ancestors: torch.Tensor, num_prompts: int, num_particles: int) -> torch.Tensor:

@@ -8,9 +8,11 @@ from . import potentials
 from .fk import BestOfN, FKSteering
 from .potentials import POTENTIALS
 from .resampling import RESAMPLERS, get_resampler, multinomial, residual, stratified, systematic
+from .sharded import ShardedFKSteering
 from .weights import effective_sample_size, log_mean_weight, normalize, sanitize_log_increment
 
 __all__ = [
     "POTENTIALS", "RESAMPLERS", "BestOfN", "FKSteering", "effective_sample_size", "get_resampler", "log_mean_weight",
-    "multinomial", "normalize", "potentials", "residual", "sanitize_log_increment", "stratified", "systematic",
+    "multinomial", "normalize", "potentials", "residual", "sanitize_log_increment", "ShardedFKSteering", "stratified",
+    "systematic",
 ]

@@ -273,7 +273,10 @@ class FKSteering(_RewardHook):
             return None
         if state.x0_hat is None:
             raise RuntimeError("FKSteering needs state.x0_hat at its scoring steps (the loop computes it when needs_x0)")
-        rewards = self.score(state.x0_hat, ctx.decoder)
+        return self._weigh_and_resample(ctx, state, info, self.score(state.x0_hat, ctx.decoder))
+
+    def _weigh_and_resample(self, ctx, state, info, rewards: torch.Tensor) -> torch.Tensor | None:
+        """Re-weight with this step's rewards ``[P*K]``; resample the prompts that are due."""
         degenerate = self._reweight(state, rewards, terminal=False)
         ess = effective_sample_size(state.log_weights)
         p, k = state.num_prompts, state.num_particles
@@ -304,6 +307,10 @@ class FKSteering(_RewardHook):
 
     def finish(self, state, info: dict[str, Any]) -> None:
         self.final_rewards = self.score(state.latents)
+        self._finish_weights(state, info)
+
+    def _finish_weights(self, state, info: dict[str, Any]) -> None:
+        """The terminal correction with ``self.final_rewards``; final weights and diagnostics."""
         self._reweight(state, self.final_rewards, terminal=True)
         self.log_normalizer = self.log_normalizer + log_mean_weight(state.log_weights)
         # After a uniform fallback the estimate no longer estimates anything.

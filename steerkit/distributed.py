@@ -1,0 +1,453 @@
+"""Scaling out with accelerate: prompts sharded across processes, resumably; particles sharded too.
+
+``accelerate launch`` (or ``torchrun``) starts one process per device and sets the environment;
+:func:`process_group` turns that into a :class:`ProcessGroup` (through accelerate's
+``PartialState``), and into the trivial one-process group when nothing was launched, so the
+one-process path never imports accelerate and does exactly what it did before.
+
+**Prompt sharding** (:class:`ShardedGeneration`). The prompts are cut into chunks of
+``items_per_call`` prompts, in order; a chunk is one pipeline call. Pending chunks are dealt to
+processes round-robin. Every seed depends only on the global row (``seed + row``, rows laid out
+prompt × image × particle, as in one big call), never on the process, so the same command gives the
+same images on 1 or 8 processes. It gives them *bit for bit* when each call holds the same prompts,
+i.e. for a fixed ``items_per_call``: CPU/GPU kernels can round differently for different batch
+sizes. Each process writes its images and its part of the manifest (:mod:`steerkit.io`); process 0
+merges the parts into one ``run.json`` at the end. Re-running the same command resumes: chunks whose
+images are all recorded as done, with their files present, are skipped.
+
+**Particle sharding** (:class:`ParticleShards`, used by
+:class:`~steerkit.smc.sharded.ShardedFKSteering`). The ``K`` particles of every prompt are split
+into ``W`` equal blocks, block ``r`` on process ``r``: local row ``p·(K/W) + j`` of process ``r``
+is global particle ``r·(K/W) + j`` of prompt ``p``, i.e. global row ``p·K + r·(K/W) + j`` (the
+row a one-process run would give it). Resampling all-gathers the small per-particle numbers
+(rewards, log-weights, potential history), draws one ancestor vector that is identical on every
+process (same generator, same inputs), and then moves each surviving particle's rows to the slots
+that continue it with one ``all_to_all`` per tensor, sending only rows that change process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import io
+
+__all__ = ["Chunk", "ParticleShards", "ProcessGroup", "ShardedGeneration", "plan_chunks", "process_group"]
+
+#: Testing only: SIGKILL this process while it saves its N-th chunk of an attempt, after the
+#: chunk's images are written and before they are recorded (the worst moment for a crash).
+KILL_ENV = "STEERKIT_TEST_KILL_AT_CHUNK"
+
+
+class ProcessGroup:
+    """The processes of one run and the few collectives steerkit needs.
+
+    One process (``world_size == 1``) is the trivial group: every collective returns its input.
+    ``bytes_sent`` counts the payload this process sends to *other* processes (an all-gather of
+    ``n`` bytes sends ``n`` to each of the ``W − 1`` others), which is what the sharded-particle
+    benchmark reports.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", backend: str = "gloo"):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank}, world_size={world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        #: Where this process computes (its own GPU under a launcher).
+        self.device = torch.device(device)
+        #: Where collectives run: NCCL needs GPU tensors, gloo and MPI take CPU tensors.
+        self.comm_device = self.device if backend == "nccl" else torch.device("cpu")
+        self.backend = backend
+        self.bytes_sent = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return (f"ProcessGroup(rank={self.rank}, world_size={self.world_size}, device={str(self.device)!r}, "
+                f"backend={self.backend!r})")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[W, *tensor.shape]``: every process's ``tensor`` (same shape on all), by rank."""
+        if self.world_size == 1:
+            return tensor.unsqueeze(0)
+        sent = tensor.detach().to(self.comm_device).contiguous()
+        out = [torch.empty_like(sent) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, sent)
+        self.bytes_sent += sent.numel() * sent.element_size() * (self.world_size - 1)
+        return torch.stack(out).to(tensor.device)
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def broadcast_object(self, value: Any, src: int = 0) -> Any:
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def exchange_rows(self, rows: torch.Tensor, source_rank: torch.Tensor, source_row: torch.Tensor) -> torch.Tensor:
+        """Move rows between processes: row ``j`` of the result on process ``s`` is row
+        ``source_row[s, j]`` of process ``source_rank[s, j]``'s ``rows``.
+
+        Args:
+            rows: ``[R, ...]`` this process's rows (every process has the same shape).
+            source_rank, source_row: ``[W, R]`` integer plans, identical on every process.
+
+        Rows that stay on their process are copied locally; the others travel in one
+        ``all_to_all_single`` call.
+        """
+        me, world = self.rank, self.world_size
+        mine_rank, mine_row = source_rank[me], source_row[me]
+        local = mine_rank == me
+        out = torch.empty_like(rows)
+        local_slots = local.nonzero().flatten().to(rows.device)
+        out[local_slots] = rows.index_select(0, mine_row[local].to(rows.device))
+        if world == 1:
+            return out
+        flat = rows.reshape(rows.shape[0], -1).to(self.comm_device)
+        send_parts, send_sizes, recv_sizes = [], [], []
+        for other in range(world):
+            picks = source_row[other][source_rank[other] == me] if other != me else source_row[other][:0]
+            send_parts.append(flat.index_select(0, picks.to(self.comm_device)))
+            send_sizes.append(len(picks))
+            recv_sizes.append(0 if other == me else int((mine_rank == other).sum()))
+        send = torch.cat(send_parts).contiguous()
+        received = torch.empty(sum(recv_sizes), flat.shape[1], dtype=flat.dtype, device=self.comm_device)
+        torch.distributed.all_to_all_single(received, send, recv_sizes, send_sizes)
+        self.bytes_sent += send.numel() * send.element_size()
+        # Each sender packed our rows in our slot order; unpack them in the same order.
+        start = 0
+        for other, size in enumerate(recv_sizes):
+            if size:
+                slots = (mine_rank == other).nonzero().flatten().to(rows.device)
+                out[slots] = received[start:start + size].to(rows.device).reshape(size, *rows.shape[1:])
+                start += size
+        return out
+
+
+def _launched_world_size() -> int:
+    """The world size set by a launcher (torchrun / accelerate launch / mpirun), or 1."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def process_group(device: str | None = None) -> ProcessGroup:
+    """The process group of this run: accelerate's when launched on several processes, else one process.
+
+    Args:
+        device: the requested device (``None``: each process's own accelerator, else the CPU).
+            On CPU-only machines or with ``device="cpu"`` processes talk over gloo; on GPUs over
+            NCCL, one GPU per process.
+    """
+    if _launched_world_size() <= 1:
+        return ProcessGroup(0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+    state = PartialState(cpu=cpu)
+    device = torch.device("cpu") if state.device.type == "cpu" else state.device
+    return ProcessGroup(state.process_index, state.num_processes, device, backend=state.backend or "gloo")
+
+
+# --- prompt sharding ---------------------------------------------------------------------------
+
+
+def plan_chunks(num_items: int, items_per_call: int | None) -> list[range]:
+    """Consecutive item ranges of at most ``items_per_call`` items (``None``: one chunk of all)."""
+    if items_per_call is not None and (isinstance(items_per_call, bool) or not isinstance(items_per_call, int)
+                                       or items_per_call < 1):
+        raise ValueError(f"items_per_call must be None or an integer ≥ 1, got {items_per_call!r}")
+    step = items_per_call or max(num_items, 1)
+    return [range(start, min(start + step, num_items)) for start in range(0, num_items, step)]
+
+
+@dataclass
+class Chunk:
+    """One pipeline call: prompts ``items`` (global indices), all their images and particles.
+
+    Attributes:
+        index: the chunk's position in the run.
+        items: global prompt indices.
+        outputs: global output indices (``item · images_per_item + image``), one image file each.
+        rows: global rows (``output · particles + particle``): the seeds are ``seed + row``.
+    """
+
+    index: int
+    items: range
+    outputs: range
+    rows: range
+    seeds: list[int] = field(default_factory=list)
+
+    def generators(self, device: torch.device | str) -> list[torch.Generator]:
+        """One generator per row, seeded ``seed + global row`` (pass as the pipeline's ``generator``)."""
+        return [torch.Generator(device).manual_seed(seed) for seed in self.seeds]
+
+
+class ShardedGeneration:
+    """A resumable generation of many prompts, sharded across the processes of ``group``.
+
+    >>> run = ShardedGeneration(out, prompts, seed=0, items_per_call=4, fingerprint=config)  # doctest: +SKIP
+    >>> run.begin()                                                                          # doctest: +SKIP
+    >>> for chunk in run.my_chunks():                                                        # doctest: +SKIP
+    ...     out = pipe([prompts[i] for i in chunk.items], generator=chunk.generators(device))
+    ...     run.save(chunk, out.images, diagnostics=out.steering.to_dict())
+    >>> manifest = run.finish({"command": ...})                                              # doctest: +SKIP
+
+    Args:
+        out: output directory (created if needed).
+        items: the prompts (or class names), in order.
+        file_names: one file name per output (``len(items) · images_per_item``).
+        seed: base seed; global row ``r`` uses ``seed + r``.
+        images_per_item, particles: the row layout (item × image × particle).
+        items_per_call: prompts per pipeline call (``None``: ``⌈items / processes⌉``, one call per
+            process; fix it to get the same bytes on any number of processes).
+        fingerprint: whatever must match for a resume (the configuration); a directory holding an
+            unfinished run with another fingerprint is refused.
+        overwrite: start afresh even if ``out`` holds a run.
+        group: the processes (default: :func:`process_group`).
+
+    Attributes:
+        resuming: whether ``out`` holds an unfinished run of the same configuration.
+        done: global output indices already done (skipped).
+        clash: whether ``out`` holds something this run would overwrite without ``overwrite``: a
+            finished run, another configuration's unfinished run, or files of the same names.
+    """
+
+    manifest_name = "run.json"
+
+    def __init__(self, out: Path, items: Sequence[Any], file_names: Sequence[str], *, seed: int = 0,
+                 images_per_item: int = 1, particles: int = 1, items_per_call: int | None = None,
+                 fingerprint: dict[str, Any] | None = None, overwrite: bool = False,
+                 group: ProcessGroup | None = None):
+        self.out = Path(out)
+        self.items = list(items)
+        self.file_names = list(file_names)
+        if len(self.file_names) != len(self.items) * images_per_item:
+            raise ValueError(f"need one file name per output ({len(self.items) * images_per_item}), "
+                             f"got {len(self.file_names)}")
+        self.seed, self.images_per_item, self.particles = int(seed), images_per_item, particles
+        self.items_per_call = items_per_call
+        self.fingerprint = fingerprint or {}
+        self.group = group or process_group()
+        self.started = time.perf_counter()
+        self.chunks = []
+        # Unset: one call per process, each with its share of the prompts.
+        per_call = items_per_call or max(1, -(-len(self.items) // self.group.world_size))
+        for index, items_range in enumerate(plan_chunks(len(self.items), per_call)):
+            outputs = range(items_range.start * images_per_item, items_range.stop * images_per_item)
+            rows = range(outputs.start * particles, outputs.stop * particles)
+            self.chunks.append(Chunk(index, items_range, outputs, rows, [self.seed + r for r in rows]))
+        # Read everything before any process writes (begin() starts with a barrier).
+        manifest, records, self._old_chunks, last_attempt = io.read_records(self.out, self.manifest_name)
+        self.attempt = last_attempt + 1
+        self.previous = manifest
+        unfinished = manifest is not None and manifest.get("status") == "running"
+        self.differences = sorted(
+            key for key in set(self.fingerprint) | set((manifest or {}).get("fingerprint", {}))
+            if self.fingerprint.get(key) != (manifest or {}).get("fingerprint", {}).get(key))
+        self.resuming = bool(unfinished and not overwrite and not self.differences)
+        self.done = set()
+        if self.resuming:
+            self.done = {index for index, record in records.items()
+                         if record.get("status") == "done" and 0 <= index < len(self.file_names)
+                         and record.get("file") == self.file_names[index] and (self.out / record["file"]).is_file()}
+            self._records = {index: records[index] for index in self.done}
+        else:
+            self._records = {}
+            self._old_chunks = []
+        existing = [name for name in [*self.file_names, self.manifest_name] if (self.out / name).exists()]
+        self.clash = not overwrite and not self.resuming and bool(existing)
+        self.existing = existing
+        self.pending = [chunk for chunk in self.chunks if not set(chunk.outputs) <= self.done]
+        self._mine: list[dict] = []
+        self._saved = 0
+
+    def describe_clash(self) -> str:
+        """Why ``out`` cannot be used as it is (for an error message)."""
+        if self.previous is not None and self.previous.get("status") == "running" and self.differences:
+            return (f"{self.out} holds an unfinished run with a different configuration (differs in: "
+                    f"{', '.join(self.differences)}); rerun that command to resume it, or pass --overwrite "
+                    "or choose another --out")
+        return (f"{self.out / self.existing[0]} already exists ({len(self.existing)} output files would be "
+                "replaced); pass --overwrite or choose another --out")
+
+    def begin(self, manifest_fields: dict[str, Any] | None = None) -> None:
+        """Process 0 clears what a killed run left behind and records the run as started."""
+        self.group.barrier()
+        if self.group.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            io.remove_stale_temporaries(self.out, [*self.file_names, self.manifest_name])
+            if not self.resuming:
+                io.remove_parts(self.out)
+            io.atomic_write_json(self.out / self.manifest_name,
+                                 self._manifest("running", manifest_fields or {}, self._records, self._old_chunks))
+            if self.resuming:  # the manifest now holds every record of earlier attempts
+                io.remove_parts(self.out, before_attempt=self.attempt)
+        self.group.barrier()
+
+    def my_chunks(self) -> list[Chunk]:
+        """This process's pending chunks: every ``W``-th pending chunk, starting at its rank."""
+        return self.pending[self.group.rank::self.group.world_size]
+
+    def save(self, chunk: Chunk, images: Sequence[Any], selected_rows: Sequence[int] | None = None,
+             diagnostics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+        """Write a chunk's images atomically, then record them as done in this process's part file.
+
+        Args:
+            chunk: the chunk the images belong to.
+            images: one PIL image per output of the chunk, in order.
+            selected_rows: the call's row (0-based within the call) behind each image, when a
+                method picked one particle per image; default: the first particle of each.
+            diagnostics: the call's diagnostics (``RunTrace.to_dict()``), kept per chunk.
+            extra: more fields for the chunk record.
+        """
+        if len(images) != len(chunk.outputs):
+            raise ValueError(f"chunk {chunk.index} has {len(chunk.outputs)} outputs, got {len(images)} images")
+        for output, image in zip(chunk.outputs, images):
+            io.atomic_write(self.out / self.file_names[output], lambda tmp, image=image: image.save(tmp, format="PNG"))
+        self._saved += 1
+        if os.environ.get(KILL_ENV) == str(self._saved):
+            os.kill(os.getpid(), signal.SIGKILL)
+        p = self.particles
+        rows = list(selected_rows) if selected_rows is not None else [i * p for i in range(len(chunk.outputs))]
+        records = []
+        for output, local_row in zip(chunk.outputs, rows):
+            row = chunk.rows.start + int(local_row)
+            first = (row // p) * p
+            records.append({"index": output, "file": self.file_names[output],
+                            "item": self.items[output // self.images_per_item], "row": row,
+                            "seed": self.seed + row, "particle_seeds": [self.seed + r for r in range(first, first + p)],
+                            "status": "done", "rank": self.group.rank, "chunk": chunk.index, "attempt": self.attempt})
+        self._mine.append({"chunk": chunk.index, "attempt": self.attempt, "rank": self.group.rank,
+                           "outputs": [chunk.outputs.start, chunk.outputs.stop], "images": records,
+                           "diagnostics": diagnostics, **(extra or {})})
+        part = io.part_path(self.out, self.attempt, self.group.rank)
+        part.parent.mkdir(exist_ok=True)
+        io.atomic_write_json(part, {"attempt": self.attempt, "rank": self.group.rank, "chunks": self._mine})
+
+    def finish(self, manifest_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Wait for every process; process 0 merges the parts into the manifest. Returns it (on every process)."""
+        self.group.barrier()
+        manifest = None
+        if self.group.is_main:
+            _, records, chunks, _ = io.read_records(self.out, self.manifest_name)
+            complete = all(records.get(i, {}).get("status") == "done" for i in range(len(self.file_names)))
+            manifest = self._manifest("complete" if complete else "running", manifest_fields or {}, records, chunks)
+            io.atomic_write_json(self.out / self.manifest_name, manifest)
+            if complete:
+                io.remove_parts(self.out)
+        return self.group.broadcast_object(manifest)
+
+    def _manifest(self, status: str, fields: dict[str, Any], records: dict[int, dict], chunks: list[dict]) -> dict:
+        unique = {(c["attempt"], c["chunk"]): c for c in chunks}
+        chunks = [unique[key] for key in sorted(unique)]
+        attempts = list((self.previous or {}).get("attempts", [])) if self.resuming else []
+        attempts = [a for a in attempts if a.get("attempt") != self.attempt]
+        attempts.append({"attempt": self.attempt, "processes": self.group.world_size,
+                         "wall_time_s": time.perf_counter() - self.started})
+        for attempt in attempts:  # counted from the chunk records: a killed attempt never updated its entry
+            done = [c for c in chunks if c["attempt"] == attempt["attempt"]]
+            attempt.update(chunks_done=len(done), images_done=sum(len(c["images"]) for c in done))
+        images = []
+        for index, name in enumerate(self.file_names):
+            record = records.get(index)
+            if record is None or record.get("status") != "done":
+                record = {"index": index, "file": name, "item": self.items[index // self.images_per_item],
+                          "status": "pending"}
+            images.append(record)
+        diagnostics = _combined_diagnostics(chunks, len(self.chunks))
+        if len(self.chunks) == 1:  # one call: its diagnostics are the run's, kept once
+            chunks = [{k: v for k, v in c.items() if k != "diagnostics"} for c in chunks]
+        return {**fields, "status": status, "fingerprint": self.fingerprint, "items_per_call": self.items_per_call,
+                "chunk_count": len(self.chunks), "images": images, "attempts": attempts,
+                "diagnostics": diagnostics, "chunks": chunks}
+
+
+def _combined_diagnostics(chunks: list[dict], total_chunks: int) -> dict[str, Any] | None:
+    """One call's diagnostics as they are; for several calls, their totals (each is in ``chunks``)."""
+    traces = [c.get("diagnostics") for c in chunks if c.get("diagnostics") is not None]
+    if total_chunks == 1 and len(traces) == 1:
+        return traces[0]
+    nfe: dict[str, int] = {}
+    for trace in traces:
+        for branch, count in (trace.get("nfe") or {}).items():
+            nfe[branch] = nfe.get(branch, 0) + count
+    return {"nfe": nfe, "total_nfe": sum(nfe.values()), "calls": len(traces),
+            "model_calls": sum(int(t.get("model_calls", 0)) for t in traces),
+            "note": "one pipeline call per chunk; each call's diagnostics are in chunks[i].diagnostics"}
+
+
+# --- particle sharding -------------------------------------------------------------------------
+
+
+class ParticleShards:
+    """The layout of ``K`` particles per prompt split into equal blocks over ``W`` processes.
+
+    Args:
+        num_prompts: ``P``.
+        local_particles: ``K/W``, the particles of every prompt on each process.
+        group: the processes.
+    """
+
+    def __init__(self, num_prompts: int, local_particles: int, group: ProcessGroup):
+        self.num_prompts, self.local_particles, self.group = num_prompts, local_particles, group
+        self.num_particles = local_particles * group.world_size
+
+    def global_rows(self, rank: int | None = None) -> torch.Tensor:
+        """``[P·K/W]``: the global row of each local row of process ``rank`` (default: this one)."""
+        rank = self.group.rank if rank is None else rank
+        p = torch.arange(self.num_prompts)[:, None]
+        j = torch.arange(self.local_particles)[None, :]
+        return (p * self.num_particles + rank * self.local_particles + j).reshape(-1)
+
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Per-row ``[P·K/W, ...]`` tensors of every process → the global ``[P·K, ...]``, in global row order."""
+        stacked = self.group.all_gather(local)  # [W, P*K/W, ...]
+        world, p, kl, rest = self.group.world_size, self.num_prompts, self.local_particles, local.shape[1:]
+        return stacked.reshape(world, p, kl, *rest).transpose(0, 1).reshape(p * world * kl, *rest)
+
+    def gather_weights(self, local: torch.Tensor) -> torch.Tensor:
+        """``[P, K/W]`` per-prompt weights of every process → the global ``[P, K]``."""
+        return self.group.all_gather(local).permute(1, 0, 2).reshape(self.num_prompts, self.num_particles)
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This process's rows ``[P·K/W, ...]`` of a global per-row ``[P·K, ...]`` tensor."""
+        p, kl, rest = self.num_prompts, self.local_particles, full.shape[1:]
+        return full.reshape(p, self.group.world_size, kl, *rest)[:, self.group.rank].reshape(p * kl, *rest).contiguous()
+
+    def local_weights(self, full: torch.Tensor) -> torch.Tensor:
+        """This process's columns ``[P, K/W]`` of global ``[P, K]`` weights."""
+        kl, rank = self.local_particles, self.group.rank
+        return full[:, rank * kl:(rank + 1) * kl].contiguous()
+
+    def plan(self, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(source_rank, source_row)`` ``[W, P·K/W]`` for global ancestors ``[P·K]`` (see :meth:`ProcessGroup.exchange_rows`)."""
+        world, p, kl, k = self.group.world_size, self.num_prompts, self.local_particles, self.num_particles
+        parents = ancestors.to("cpu", torch.int64).reshape(p, world, kl).transpose(0, 1)  # [W, P, K/W]
+        particle = parents % k
+        prompt = torch.arange(p)[None, :, None]
+        return (particle // kl).reshape(world, -1), (prompt * kl + particle % kl).reshape(world, -1)
+
+    def exchange(self, rows: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.group.exchange_rows(rows, *plan)
+
