@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -19,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from steerkit.io import atomic_write
 
 METHODS = ("none", "fk", "best-of-n")
 SCHEDULERS = {
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
     gen.add_argument("--seed", type=int, default=0, help="base seed; row r uses seed + r")
     gen.add_argument("--max-batch", type=_positive_int, default=None, help="most rows per model call")
+    gen.add_argument("--items-per-call", type=_positive_int, default=None,
+                     help="prompts per pipeline call (default: all of a process's prompts in one call); the unit "
+                          "of resuming and of sharding across processes. Fix it to get the same bytes on any "
+                          "number of processes")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--out", type=Path, default=Path("steerkit-out"), help="output directory")
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default=None)
         sub.add_argument("--out", type=Path, default=Path(f"steerkit-{name}"))
         sub.add_argument("--overwrite", action="store_true")
+    from steerkit.compare import add_compare_parser  # `steerkit compare` lives in compare.py
+
+    add_compare_parser(commands)
     return parser
 
 
@@ -172,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             generate_command(args)
         elif args.command in ("invert", "edit"):
             flowopt_command(args)
+        elif args.command == "compare":
+            args.handler(args)
         return 0
     except (CliError, ValueError, TypeError, NotImplementedError, FileNotFoundError, PermissionError) as error:
         print(f"steerkit: error: {error}", file=sys.stderr)
@@ -210,18 +220,6 @@ def _check_output_dir(out: Path, names: list[str], overwrite: bool) -> None:
     if clashes and not overwrite:
         raise CliError(f"{out / clashes[0]} already exists ({len(clashes)} output files would be replaced); "
                        "pass --overwrite or choose another --out")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: no half-written files."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _scheduler_for(pipe, name: str | None, method: str):
@@ -301,6 +299,11 @@ def generate_command(args) -> dict[str, Any]:
         torch.device(device)
     except RuntimeError:
         raise CliError(f"--device {device!r} is not a torch device") from None
+    from steerkit.distributed import ShardedGeneration, process_group
+
+    group = process_group(args.device)  # one process, unless started by accelerate launch / torchrun
+    if group.world_size > 1 and args.device in (None, "cuda"):
+        device = str(group.device)  # each process on its own GPU
     particles = args.particles if args.method != "none" else 1
     started = time.perf_counter()
     from diffusers.utils import logging as diffusers_logging
@@ -319,14 +322,22 @@ def generate_command(args) -> dict[str, Any]:
     pipe.scheduler = scheduler
     labels = [item for item in items for _ in range(args.num_images)]
     names = [f"{i:03d}-{_slug(label)}.png" for i, label in enumerate(labels)]
-    _check_output_dir(args.out, [*names, "run.json"], args.overwrite)
+    config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
+              for k, v in vars(args).items() if k != "argv"}
+    # What must match for a rerun to resume the run in --out (not where it writes, nor how many processes).
+    fingerprint = {**{k: v for k, v in config.items() if k not in ("out", "overwrite")}, "resolved_items": items}
+    run = ShardedGeneration(args.out, items, names, seed=args.seed, images_per_item=args.num_images,
+                            particles=particles, items_per_call=args.items_per_call, fingerprint=fingerprint,
+                            overwrite=args.overwrite, group=group)
+    _check_output_dir(args.out, [], args.overwrite)
+    if run.clash:
+        raise CliError(run.describe_clash())
 
     rows = len(labels) * particles
     seeds = [args.seed + r for r in range(rows)]
-    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
-                                generator=generators, output_type="pil")
-    call["class_labels" if is_class_conditional else "prompt"] = items
+                                output_type="pil")
+    prompt_key = "class_labels" if is_class_conditional else "prompt"
     guidance = None
     if isinstance(args.guidance, float):
         call["guidance_scale"] = args.guidance
@@ -341,17 +352,11 @@ def generate_command(args) -> dict[str, Any]:
         guidance = AdaptiveGuidance(base, threshold=args.adaptive_guidance)
     if args.scheduler == "ddim-eta1":
         call["eta"] = 1.0
-    output = pipe(**call, guidance=guidance, hooks=hooks, num_particles=particles, max_batch=args.max_batch)
-    trace = output.steering
-    for name, image in zip(names, output.images):
-        _atomic_write(args.out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
-    selected = trace.extras.get("selected_rows") or list(range(0, rows, particles))
     import diffusers
 
     record = {
         "command": ["steerkit", *getattr(args, "argv", [])],
-        "config": {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
-                   for k, v in vars(args).items() if k != "argv"},
+        "config": config,
         "resolved": {
             "model": args.model,
             "model_path": resolve_model_path(args.model),
@@ -365,19 +370,27 @@ def generate_command(args) -> dict[str, Any]:
             "device": device,
             "seeds": seeds,
         },
-        "images": [
-            {"file": name, "item": label, "row": row, "seed": seeds[row],
-             "particle_seeds": seeds[(row // particles) * particles:(row // particles + 1) * particles]}
-            for name, label, row in zip(names, labels, selected)
-        ],
         "versions": {"steerkit": steerkit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
-        "wall_time_s": time.perf_counter() - started,
-        "diagnostics": trace.to_dict(),
     }
-    _atomic_write(args.out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
-    nfe = trace.total_nfe
-    print(f"wrote {len(names)} image(s) and run.json to {args.out} — {nfe} NFEs, {record['wall_time_s']:.1f} s")
+    run.begin(record)
+    nfe = 0
+    # One pipeline call per chunk of prompts; run.json's "images" lists every image with its seed.
+    for chunk in run.my_chunks():
+        for hook in hooks:  # resampling draws depend on the chunk, never on the process or earlier chunks
+            hook.seed = args.seed + chunk.rows.start
+        output = pipe(**call, **{prompt_key: [items[i] for i in chunk.items]}, generator=chunk.generators(device),
+                      guidance=guidance, hooks=hooks, num_particles=particles, max_batch=args.max_batch)
+        trace = output.steering
+        nfe += trace.total_nfe
+        run.save(chunk, output.images, selected_rows=trace.extras.get("selected_rows"), diagnostics=trace.to_dict())
+    record = run.finish({**record, "wall_time_s": time.perf_counter() - started})
+    attempt = record["attempts"][-1]
+    nfe = sum(group.all_gather_object(nfe))
+    if group.is_main:
+        resumed = f" (resumed; {len(run.done)} already done)" if run.resuming else ""
+        print(f"wrote {attempt['images_done']} image(s) and run.json to {args.out}{resumed} — {nfe} NFEs, "
+              f"{record['wall_time_s']:.1f} s")
     return record
 
 
@@ -456,16 +469,16 @@ def flowopt_command(args) -> dict[str, Any]:
         for name, image in zip(files, pixels):
             array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
             picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-            _atomic_write(args.out / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+            atomic_write(args.out / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
 
     save_images(result.output, names)
     if baseline is not None:
         save_images(baseline, extra)
-    _atomic_write(args.out / "latents.safetensors",
+    atomic_write(args.out / "latents.safetensors",
                   lambda tmp: save_file({"latents": result.latents.contiguous().cpu()}, tmp))
     record = {"command": ["steerkit", *getattr(args, "argv", [])], "images": [str(p) for p in args.images],
               "outputs": names, "regenerated": extra, "result": result.to_dict()}
-    _atomic_write(args.out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
+    atomic_write(args.out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
     psnr_line = f", PSNR {sum(result.psnr[-1]) / count:.2f} dB" if result.psnr else ""
     print(f"{args.command}: {len(result.loss) - 1} iteration(s), {result.nfe} NFEs, stopped by {result.stopped}"
           f"{psnr_line}; wrote {args.out}")

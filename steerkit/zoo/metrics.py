@@ -44,3 +44,44 @@ def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> fl
     """Fraction of ``images`` (in [-1, 1]) that the classifier assigns to ``labels``."""
     log_probs, _ = classify(classifier, images)
     return float((log_probs.argmax(1) == labels.cpu()).float().mean())
+
+
+_TEST_FEATURES: dict[int, torch.Tensor] = {}
+
+
+def fashion_test_features(classifier) -> torch.Tensor:
+    """The classifier's features ``[10000, D]`` of the Fashion-MNIST test set: the Fréchet reference.
+
+    Computed once per classifier object and cached. Raises ``FileNotFoundError`` (with the way to
+    install the data) when the test set is not on this machine.
+    """
+    from .data import load_fashion_mnist
+
+    key = id(classifier)
+    if key not in _TEST_FEATURES:
+        _TEST_FEATURES[key] = classify(classifier, load_fashion_mnist("test")[0])[1]
+    return _TEST_FEATURES[key]
+
+
+def judge_samples(classifier, images: torch.Tensor, labels: torch.Tensor,
+                  reference_features: torch.Tensor | None = None) -> dict:
+    """How the benchmarks judge samples of a Fashion-MNIST model, in one call.
+
+    Args:
+        classifier: the judge (``load_fashion_classifier()``, which no method steers with by default).
+        images: ``[N, 1, 32, 32]`` in [-1, 1].
+        labels: ``[N]`` the class each image was generated for.
+        reference_features: features to measure the Fréchet distance to (``fashion_test_features``);
+            ``None`` leaves ``frechet`` out. It needs at least two images.
+
+    Returns:
+        ``{"predicted": [N], "correct": [N] bools, "accuracy": float, "frechet": float | None}``.
+    """
+    log_probs, features = classify(classifier, images)
+    predicted = log_probs.argmax(1)
+    correct = predicted == labels.cpu()
+    frechet = None
+    if reference_features is not None and images.shape[0] >= 2:
+        frechet = frechet_distance(features, reference_features)
+    return {"predicted": predicted.tolist(), "correct": correct.tolist(), "accuracy": float(correct.float().mean()),
+            "frechet": frechet}
