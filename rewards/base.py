@@ -11,7 +11,9 @@ A reward subclass implements :meth:`Reward.__call__` on one chunk and declares:
   ``resolution`` must then be ``None``);
 - ``resolution``: the square size it wants (images are resized, antialiased, before the call), or
   ``None`` for any size;
-- ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches.
+- ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches;
+- ``dtype``: the floating dtype its ``__call__`` receives (default float32: x̂0 of a half-precision
+  pipeline is cast once here, not inside every reward); ``None`` passes inputs through as they are.
 
 :meth:`Reward.score` chunks, calls, and checks the output shape, raising a ``ValueError`` that
 names the reward. It does not check finiteness: what to do with NaN/inf is the calling method's
@@ -38,6 +40,7 @@ class Reward:
     input_space: str = "pixels"  # images in [0, 1]
     resolution: int | None = None
     batch_size: int = 64
+    dtype: torch.dtype | None = torch.float32
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
         """Rewards ``[b]`` of one chunk of at most :attr:`batch_size` images."""
@@ -61,6 +64,8 @@ class Reward:
             raise ValueError(f"reward {self.name!r}: batch_size must be an integer ≥ 1, got {batch_size!r}")
         if images.shape[0] == 0:
             return torch.zeros(0)
+        if self.dtype is not None and images.dtype != self.dtype:
+            images = images.to(self.dtype)
         if self.resolution is not None and images.ndim != 4:
             raise ValueError(f"reward {self.name!r} resizes to {self.resolution}×{self.resolution}: images must be "
                              f"[B, C, H, W], got {tuple(images.shape)}")
@@ -117,8 +122,8 @@ class WeightedSum(Reward):
         self.input_space = spaces.pop()
         self.terms = [(float(w), r) for w, r in terms]
         self.name = _format_sum(self.terms)
-        # The terms chunk themselves; the sum only has to pass each of them whole batches.
-        self.batch_size = 1 << 30
+        # The terms chunk and cast themselves; the sum only has to pass each of them whole batches.
+        self.batch_size, self.dtype = 1 << 30, None
 
     def __call__(self, images, prompts):
         total = torch.zeros(images.shape[0], device=images.device)

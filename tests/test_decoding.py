@@ -173,3 +173,19 @@ def test_compressibility_prefers_plain_images():
         get_reward("compressibility:high")
     with pytest.raises(ValueError, match="1- or 3-channel"):
         reward.score(torch.rand(1, 2, 8, 8), ["x"])
+
+
+def test_rewards_receive_their_declared_dtype():
+    seen = []
+
+    def record(images, prompts):
+        seen.append(images.dtype)
+        return images.flatten(1).float().mean(1)
+
+    half = torch.rand(2, 3, 8, 8).half()
+    CallableReward(record).score(half, ["a", "b"])
+    passthrough = CallableReward(record)
+    passthrough.dtype = None
+    passthrough.score(half, ["a", "b"])
+    WeightedSum([(1.0, CallableReward(record))]).score(half, ["a", "b"])
+    assert seen == [torch.float32, torch.float16, torch.float32]
