@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["INPUT_SPACES", "CallableReward", "Reward", "WeightedSum"]
+__all__ = ["INPUT_SPACES", "CallableReward", "ModelReward", "Reward", "WeightedSum"]
 
 INPUT_SPACES = ("pixels", "latents")
 
@@ -84,6 +84,37 @@ class Reward:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+class ModelReward(Reward):
+    """A reward computed by a torch module (``self.model``) on RGB pixels normalised per channel.
+
+    ``follow_device``: a model the registry loaded itself moves to the images' device on first use
+    (a model the user built stays where the user put it). ``mean``/``std`` normalise the pixels.
+    """
+
+    model: torch.nn.Module
+    follow_device: bool = False
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def _device(self, images: torch.Tensor) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else images.device
+        if self.follow_device and device != images.device:
+            self.model.to(images.device)
+            device = images.device
+        return device
+
+    def normalized_rgb(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → normalised float32 RGB on the model's device (grey images repeated)."""
+        device = self._device(images)
+        x = images.to(device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean.to(device)) / self.std.to(device)
 
 
 class CallableReward(Reward):

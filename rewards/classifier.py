@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Reward
+from .base import ModelReward
 
 __all__ = ["ClassifierReward", "load_classifier_reward"]
 
 
-class ClassifierReward(Reward):
+class ClassifierReward(ModelReward):
     """``log p(class | image)`` under an image classifier, used in inference mode only.
 
     Args:
@@ -78,14 +78,6 @@ class ClassifierReward(Reward):
             else:
                 raise ValueError(f"classifier reward: {prompt!r} is not one of its classes {self.class_names}")
         return torch.tensor(ids, dtype=torch.long)
-
-    def _device(self, images: torch.Tensor) -> torch.device:
-        parameter = next(self.model.parameters(), None)
-        device = parameter.device if parameter is not None else images.device
-        if self.follow_device and device != images.device:
-            self.model.to(images.device)
-            device = images.device
-        return device
 
     @torch.no_grad()
     def class_log_probs(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Reward
+from .base import ModelReward
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,7 +29,7 @@ def unique_prompts(prompts: Sequence[object]) -> tuple[list[str], torch.Tensor]:
     return list(position), torch.tensor(index, dtype=torch.long)
 
 
-class ClipScore(Reward):
+class ClipScore(ModelReward):
     """CLIP image–text similarity from an open_clip model and tokenizer (any architecture)."""
 
     name = "clip"
@@ -39,26 +39,13 @@ class ClipScore(Reward):
                  follow_device: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.resolution = image_size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        # Models the registry loads itself follow the images to their device on first use.
+        self.set_normalization(mean, std)
         self.follow_device = follow_device
-
-    def _device(self, images: torch.Tensor) -> torch.device:
-        device = next(self.model.parameters()).device
-        if self.follow_device and device != images.device:
-            self.model.to(images.device)
-            device = images.device
-        return device
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``[B, D]`` (float32) of images in [0, 1] at :attr:`resolution`."""
-        device = self._device(images)
-        x = images.to(device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        x = self.normalized_rgb(images)
         return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
 
     @torch.no_grad()

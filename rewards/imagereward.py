@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .aesthetic import RatingMLP
-from .base import Reward
+from .base import ModelReward
 from .clip import OPENAI_MEAN, OPENAI_STD
 from .hub import (
     MissingWeightsError,
@@ -141,7 +141,7 @@ class ImageRewardModel(torch.nn.Module):
         return cls(vision, text)
 
 
-class ImageReward(Reward):
+class ImageReward(ModelReward):
     """ImageReward's standardised score of each (image, prompt) pair."""
 
     name = "imagereward"
@@ -151,8 +151,7 @@ class ImageReward(Reward):
                  max_length: int = MAX_LENGTH, follow_device: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.resolution = int(model.vision.config.image_size)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.set_normalization(mean, std)
         self.max_length = max_length
         self.follow_device = follow_device
 
@@ -163,14 +162,8 @@ class ImageReward(Reward):
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[object]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        if self.follow_device and device != images.device:
-            self.model.to(images.device)
-            device = images.device
-        x = images.to(device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        x = self.normalized_rgb(images)
+        device = x.device
         tokens = {k: v.to(device) for k, v in self.tokenize(prompts).items()}
         raw = self.model(x, tokens["input_ids"], tokens["attention_mask"])
         return ((raw - MEAN) / STD).float().cpu()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Reward
+from .base import ModelReward
 from .clip import OPENAI_MEAN, OPENAI_STD, unique_prompts
 from .hub import MissingWeightsError, hub_offline, require_tokenizer_files
 
@@ -36,7 +36,7 @@ PROCESSOR_ENV = "STEERKIT_PICKSCORE_PROCESSOR"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
-class PickScore(Reward):
+class PickScore(ModelReward):
     """``exp(logit_scale) · cos(image, prompt)`` under a transformers ``CLIPModel`` and its tokenizer."""
 
     name = "pickscore"
@@ -46,26 +46,14 @@ class PickScore(Reward):
                  follow_device: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.resolution = int(model.config.vision_config.image_size)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.set_normalization(mean, std)
         self.max_length = max_length
         self.follow_device = follow_device
-
-    def _device(self, images: torch.Tensor) -> torch.device:
-        device = next(self.model.parameters()).device
-        if self.follow_device and device != images.device:
-            self.model.to(images.device)
-            device = images.device
-        return device
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected image embeddings ``[B, D]`` of images in [0, 1] at :attr:`resolution`."""
-        device = self._device(images)
-        x = images.to(device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        x = self.normalized_rgb(images)
         dtype = next(self.model.parameters()).dtype
         pooled = self.model.vision_model(pixel_values=x.to(dtype)).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
