@@ -47,6 +47,11 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=200, help="images per method (balanced over classes)")
     parser.add_argument("--ks", default="2,4,8")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rewards", default="classifier,brightness", help=f"comma list of {sorted(REWARDS)}")
+    parser.add_argument("--methods", default="best-of-k,fk-max,fk-difference",
+                        help="comma list: best-of-k, fk-max, fk-difference, fk-difference-ess (adaptive "
+                             "resampling when ESS < 0.5·k, at the same scoring steps)")
+    parser.add_argument("--name", default=None, help="result file name (default fk_DEVICE)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -79,15 +84,26 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for reward_name, (spec, lmbda) in REWARDS.items():
+    methods = {
+        "best-of-k": lambda spec, lmbda: BestOfN(reward=spec),
+        "fk-max": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="max"),
+        "fk-difference": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference"),
+        "fk-difference-ess": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
+                                                            ess_threshold=0.5),
+    }
+    chosen = args.methods.split(",")
+    unknown = [m for m in chosen + args.rewards.split(",") if m not in methods and m not in REWARDS]
+    if unknown:
+        parser.error(f"unknown methods or rewards: {unknown}")
+    for reward_name in args.rewards.split(","):
+        spec, lmbda = REWARDS[reward_name]
         run("plain", reward_name, 1, [])
         for k in [int(v) for v in args.ks.split(",")]:
-            run("best-of-k", reward_name, k, [BestOfN(reward=spec)])
-            for potential in ("max", "difference"):
-                run(f"fk-{potential}", reward_name, k, [FKSteering(reward=spec, lmbda=lmbda, potential=potential)])
+            for method in chosen:
+                run(method, reward_name, k, [methods[method](spec, lmbda)])
     result = {"benchmark": "fk", "environment": environment(), "settings": vars(args),
               "lambda": {k: v[1] for k, v in REWARDS.items()}, "rows": rows}
-    write_result(f"fk_{args.device}", result, args.out)
+    write_result(args.name or f"fk_{args.device}", result, args.out)
     lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['reward']} | {r['method']} | {r['k']} | {r['mean_reward']:.4f} | {r['accuracy']:.3f} | "
