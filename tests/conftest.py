@@ -17,3 +17,32 @@ def _quiet_progress_bars(monkeypatch):
 
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: a second thread only adds overhead,
+    and under CPU contention OpenMP's spin-waiting made two threads ~50× slower than one here."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny class-conditional pipeline saved as a diffusers directory (for the CLI)."""
+    from steerkit import testing
+
+    path = tmp_path_factory.mktemp("tiny-class-conditional")
+    testing.tiny_class_conditional().save_pretrained(path)
+    return path
+
+
+def run_cli(argv, capsys):
+    """``steerkit`` with ``argv``: ``(exit code, stdout, stderr)``."""
+    from steerkit.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

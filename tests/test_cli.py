@@ -5,22 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli as run
 
 from steerkit import testing
-from steerkit.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-class-conditional")
-    testing.tiny_class_conditional().save_pretrained(path)
-    return path
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_generate_writes_images_and_a_reproducible_record(tiny_model_dir, tmp_path, capsys):

@@ -5,26 +5,12 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli as run
 from PIL import Image
 
 from steerkit import plots, testing
-from steerkit.cli import main
 from steerkit.compare import parse_method, run_comparison
 from steerkit.guidance import LinearSchedule, PiecewiseSchedule
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-class-conditional")
-    testing.tiny_class_conditional().save_pretrained(path)
-    return path
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 # --- specs ----------------------------------------------------------------------------------------
 

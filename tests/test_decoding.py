@@ -12,13 +12,7 @@ from steerkit.decoding import StepDecoder, check_decode_options, decode_x0
 from steerkit.guidance import GradientFreeClassifierGuidance
 from steerkit.smc import FKSteering
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CountingDecoder:

@@ -11,15 +11,7 @@ import steerkit
 from steerkit import testing
 from steerkit.smc import BestOfN, FKSteering
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny UNet's tensors are too small for threads to help; under CPU contention OpenMP's
-    spin-waiting made two threads ~50× slower than one here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

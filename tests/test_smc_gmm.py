@@ -20,13 +20,7 @@ MEANS, STD, LAMBDA = torch.tensor([-2.0, 2.0], dtype=torch.float64), 0.5, 0.5
 UNTILTED_MEAN = 0.0  # the mixture is symmetric
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """[P*K, 1] tensors: threads only add overhead (and spin-waiting under CPU contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tilted_target():
