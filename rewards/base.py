@@ -62,6 +62,9 @@ class Reward:
         batch_size = self.batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"reward {self.name!r}: batch_size must be an integer ≥ 1, got {batch_size!r}")
+        if self.input_space == "latents" and self.resolution is not None:
+            raise ValueError(f"reward {self.name!r} reads latents, so it cannot declare a resolution to resize to "
+                             f"(got {self.resolution}); set resolution = None")
         if images.shape[0] == 0:
             return torch.zeros(0)
         if self.dtype is not None and images.dtype != self.dtype:

@@ -153,6 +153,9 @@ def test_rewards_declare_their_input_space():
     assert WeightedSum([(1.0, latent), (2.0, latent)]).input_space == "latents"
     with pytest.raises(ValueError, match="cannot mix rewards that read pixels with rewards that read latents"):
         WeightedSum([(1.0, latent), (1.0, get_reward("brightness"))])
+    latent.resolution = 16
+    with pytest.raises(ValueError, match="reads latents, so it cannot declare a resolution"):
+        latent.score(torch.zeros(1, 4, 8, 8), ["x"])
 
 
 def test_compressibility_prefers_plain_images():
