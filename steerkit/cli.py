@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--iterations", type=_positive_int, default=20 if name == "invert" else 8)
         sub.add_argument("--step-size", type=_non_negative_float, default=None, help="η (default: half the estimated bound)")
         sub.add_argument("--tol", type=_non_negative_float, default=0.0, help="stop when every MSE is below this")
+        sub.add_argument("--init", choices=["uniinv", "euler"], default="uniinv",
+                         help="starting inversion: UniInv (as FlowOpt's reference code) or plain Euler ODE inversion")
+        sub.add_argument("--init-iterations", type=_positive_int, default=1,
+                         help="UniInv fixed-point iterations per step (1 = UniInv; more: closer to exact)")
+        sub.add_argument("--acceleration", choices=["anderson", "none"], default="anderson" if name == "invert" else "none",
+                         help="Anderson mixing of the FlowOpt iterates, or the paper's plain iteration")
         sub.add_argument("--resize", action="store_true", help="resize images to the model's size")
         sub.add_argument("--device", default=None)
         sub.add_argument("--out", type=Path, default=Path(f"steerkit-{name}"))
@@ -453,7 +459,8 @@ def flowopt_command(args) -> dict[str, Any]:
     images = _load_images(args.images, pipe, args.resize)
     source = _per_image(args.source, count, "--source")
     options = dict(num_inference_steps=args.steps, n_max=args.n_max, iterations=args.iterations,
-                   step_size=args.step_size or None, tol=args.tol)
+                   step_size=args.step_size or None, tol=args.tol, init=args.init, init_iterations=args.init_iterations,
+                   acceleration=None if args.acceleration == "none" else args.acceleration)
     if args.command == "invert":
         result = invert(pipe, images, **{key: source}, **options)
         baseline = None

@@ -126,6 +126,16 @@ def test_invert_and_edit_commands(tiny_flow_dir, gray_images, tmp_path, capsys):
     record = json.loads((out / "run.json").read_text())
     assert record["outputs"] == ["000-img0.png", "001-img1.png"] and len(record["result"]["loss"]) == 4
     assert (out / "latents.safetensors").is_file() and "invert: 3 iteration(s)" in stdout
+    assert record["result"]["init"] == "uniinv" and record["result"]["acceleration"] == "anderson"
+    assert record["result"]["nfe"] == 2 * ((4 + 1) + 4 * 4 + 4 * 4)  # UniInv, bound estimate, 4 passes
+    out = tmp_path / "inv-plain"
+    code, stdout, stderr = run(["invert", *gray_images, "--model", tiny_flow_dir, "--source", "class0", "class1",
+                                "--steps", "4", "--iterations", "3", "--init", "euler", "--acceleration", "none",
+                                "--out", out], capsys)
+    assert code == 0, stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["result"]["init"] == "euler" and record["result"]["acceleration"] is None
+    assert record["result"]["nfe"] == 2 * (4 + 4 * 4 + 4 * 4)
     out = tmp_path / "edit"
     code, stdout, stderr = run(["edit", gray_images[0], "--model", tiny_flow_dir, "--source", "class0", "--to", "class2",
                                 "--steps", "4", "--iterations", "2", "--out", out], capsys)

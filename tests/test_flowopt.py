@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 import steerkit
 from steerkit import testing
-from steerkit.flowopt import FlowMap, edit, estimate_step_size_bound, flowopt, invert
+from steerkit.flowopt import AndersonMixer, FlowMap, edit, estimate_step_size_bound, flowopt, invert
 
 
 class AffineFlow:
@@ -95,6 +95,69 @@ def test_best_iterate_is_kept_when_the_iteration_diverges():
     assert ((f(result.latents) - target) ** 2).mean().item() == pytest.approx(best)
 
 
+ILL_CONDITIONED = [0.01, 0.03, 0.1, 0.4, 1.0, 2.0]  # bound 1.0; condition number 200
+
+
+def test_anderson_mixing_solves_an_ill_conditioned_affine_flow_that_the_plain_iteration_cannot():
+    f = AffineFlow(ILL_CONDITIONED)
+    target = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    z0 = torch.zeros(3, 6, dtype=torch.float64)
+    plain = flowopt(f, target, z0, iterations=20, step_size=0.5, progress=False)
+    mixed = flowopt(f, target, z0, iterations=20, step_size=0.5, acceleration="anderson", memory=6, progress=False)
+    assert min(plain.loss[-1]) > 1e-3 * max(plain.loss[0])  # stuck along the eigenvalue-0.01 direction
+    assert max(min(losses) for losses in zip(*mixed.loss)) < 1e-10 * min(mixed.loss[0])  # a Krylov-like solve
+    assert mixed.nfe == plain.nfe == 3 * 21  # one evaluation of f per iteration either way
+    solution = torch.linalg.solve(f.a, (target - f.b).T).T
+    torch.testing.assert_close(mixed.latents.double(), solution, rtol=0, atol=1e-3)
+    assert (plain.latents - solution).abs().max() > 0.1
+
+
+def test_anderson_step_is_the_plain_step_without_history_and_after_a_restart():
+    mixer = AndersonMixer(memory=3)
+    z = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(mixer.step(z, r), z + r)  # first call: no history
+    z2, r2 = z + r, 0.5 * r + 0.1
+    mixed = mixer.step(z2, r2)
+    assert not torch.allclose(mixed, z2 + r2)
+    mixer.restart(torch.tensor([True, False]))
+    z3, r3 = mixed, torch.randn(2, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    after = mixer.step(z3, r3)
+    assert torch.equal(after[0], (z3 + r3)[0])  # restarted problem: plain step
+    assert not torch.allclose(after[1], (z3 + r3)[1])  # the other keeps its history
+
+
+def test_anderson_restarts_a_problem_whose_loss_blows_up():
+    calls = []
+
+    class Restarting(AndersonMixer):
+        def restart(self, rows):
+            calls.append(rows.clone())
+            super().restart(rows)
+
+    import steerkit.flowopt.optimize as optimize
+
+    original = optimize.AndersonMixer
+    optimize.AndersonMixer = Restarting
+    try:
+        f = AffineFlow(EIGENVALUES)
+        target = torch.randn(1, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        # η far above the bound: the first plain step overshoots and the loss rises past 4× its best.
+        flowopt(f, target, torch.zeros(1, 6, dtype=torch.float64), iterations=6, step_size=3.0,
+                acceleration="anderson", progress=False)
+    finally:
+        optimize.AndersonMixer = original
+    assert calls and bool(calls[0].all())
+
+
+@pytest.mark.parametrize("bad", [dict(acceleration="nesterov"), dict(acceleration="anderson", memory=0),
+                                 dict(restart_ratio=1.0)])
+def test_flowopt_rejects_bad_acceleration_settings(bad):
+    f = AffineFlow(EIGENVALUES)
+    with pytest.raises(ValueError, match=next(iter(bad)) if "memory" not in bad else "memory"):
+        flowopt(f, torch.zeros(1, 6), torch.zeros(1, 6), iterations=3, step_size=0.5, progress=False, **bad)
+
+
 @pytest.mark.parametrize("bad", [dict(iterations=0), dict(step_size=-1.0), dict(step_size=0.0), dict(safety=2.0)])
 def test_flowopt_rejects_bad_settings(bad):
     f = AffineFlow(EIGENVALUES)
@@ -125,7 +188,8 @@ def test_flow_map_is_the_sampler_and_deterministic(flow_pipe):
 
 
 def test_inversion_beats_plain_ode_inversion_at_more_nfes(flow_pipe, images):
-    result = invert(flow_pipe, images, class_labels=[0, 1], num_inference_steps=8, iterations=10, progress=False)
+    result = invert(flow_pipe, images, class_labels=[0, 1], num_inference_steps=8, iterations=10, init="euler",
+                    acceleration=None, progress=False)
     ode_psnr, final_psnr = result.psnr[0], result.psnr[-1]
     assert all(b > a + 3 for a, b in zip(ode_psnr, final_psnr)), (ode_psnr, final_psnr)
     rows, steps = 2, 8
@@ -133,10 +197,37 @@ def test_inversion_beats_plain_ode_inversion_at_more_nfes(flow_pipe, images):
     assert result.images.shape == images.shape
 
 
+def test_default_inversion_uniinv_start_and_anderson_mixing_beats_the_plain_iteration(flow_pipe, images):
+    plain = invert(flow_pipe, images, class_labels=[0, 1], num_inference_steps=8, iterations=6, init="euler",
+                   acceleration=None, progress=False)
+    default = invert(flow_pipe, images, class_labels=[0, 1], num_inference_steps=8, iterations=6, progress=False)
+    assert default.extras["init"] == "uniinv" and default.extras["acceleration"] == "anderson"
+    assert all(d > p + 3 for d, p in zip(default.psnr[-1], plain.psnr[-1])), (default.psnr[-1], plain.psnr[-1])
+    assert default.nfe == 2 * ((8 + 1) + 4 * 8 + 7 * 8)  # UniInv costs one NFE more than Euler inversion
+
+
+def test_uniinv_fixed_point_inversion_converges_to_the_samplers_exact_inverse(flow_pipe, images):
+    f = FlowMap(flow_pipe, num_inference_steps=6, class_labels=[0, 1])
+    y = f.encode(images)
+    errors, nfes = {}, {}
+    for method, m in (("euler", 1), ("uniinv", 1), ("uniinv", 2), ("uniinv", 4)):
+        before = f.nfe
+        z = f.invert(y, method=method, fixed_point_iterations=m)
+        nfes[method, m] = (f.nfe - before) // 2
+        errors[method, m] = (f(z) - y).pow(2).mean().item()
+    assert nfes == {("euler", 1): 6, ("uniinv", 1): 7, ("uniinv", 2): 13, ("uniinv", 4): 25}
+    assert errors["euler", 1] > errors["uniinv", 1] > errors["uniinv", 2] > errors["uniinv", 4], errors
+    assert errors["uniinv", 4] < 1e-3 * errors["euler", 1]
+    with pytest.raises(ValueError, match="method"):
+        f.invert(y, method="ddim")
+    with pytest.raises(ValueError, match="fixed_point_iterations"):
+        f.invert(y, fixed_point_iterations=0)
+
+
 def test_inversion_from_an_intermediate_noise_level(flow_pipe, images):
     result = invert(flow_pipe, images, class_labels=[0, 1], num_inference_steps=10, n_max=4, iterations=3,
                     step_size=0.3, progress=False)
-    assert result.nfe == 2 * (4 + 4 * 4) and result.step_size_bound is None
+    assert result.nfe == 2 * (4 + 1 + 4 * 4) and result.step_size_bound is None
 
 
 def test_editing_moves_toward_the_source_under_the_target_class(flow_pipe, images):

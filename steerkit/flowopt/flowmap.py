@@ -108,17 +108,38 @@ class FlowMap:
         return predictions["cond"]
 
     @torch.no_grad()
-    def invert(self, x0: torch.Tensor) -> torch.Tensor:
-        """Plain ODE inversion: Euler steps from the clean latents back up to ``sigmas[0]`` (``n_max`` NFEs).
+    def invert(self, x0: torch.Tensor, method: str = "uniinv", fixed_point_iterations: int = 1) -> torch.Tensor:
+        """Invert the sampler from clean latents back up to ``sigmas[0]``, one step per noise level.
 
-        Each step evaluates the velocity at the current, less noisy level and moves to the next
-        noisier one; it is the exact reverse of the sampler only in the limit of small steps,
-        which is why FlowOpt refines it.
+        The sampler's Euler step from level ``σ_{i+1}`` down to ``σ_i`` is
+        ``x_i = x_{i+1} − (σ_{i+1} − σ_i)·v(x_{i+1}, σ_{i+1})``; inverting it exactly means solving
+        ``x_{i+1} = x_i + (σ_{i+1} − σ_i)·v(x_{i+1}, σ_{i+1})`` for ``x_{i+1}``.
+
+        - ``"euler"``: plain ODE inversion, the velocity taken at the *known*, less noisy point
+          (``n_max`` NFEs). Exact only in the limit of small steps.
+        - ``"uniinv"``: the initialisation of FlowOpt's reference code (UniInv, from UniEdit-Flow).
+          Predict ``x_{i+1}`` with the previous velocity, evaluate the velocity *there*, and step
+          with it; that velocity is reused as the next step's prediction (``n_max + 1`` NFEs). It is
+          one fixed-point iteration of the exact inversion above; ``fixed_point_iterations = m``
+          runs ``m`` of them per step (``1 + m·n_max`` NFEs), converging to the exact inverse of the
+          discrete sampler where the fixed point contracts.
         """
+        if method not in ("euler", "uniinv"):
+            raise ValueError(f"method must be 'euler' or 'uniinv', got {method!r}")
+        if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, int) or fixed_point_iterations < 1:
+            raise ValueError(f"fixed_point_iterations must be an integer ≥ 1, got {fixed_point_iterations!r}")
         x = self._check(x0).float()
+        velocity = None
         for i in range(self.n_max - 1, -1, -1):
             lower, higher = float(self.sigmas[i + 1]), float(self.sigmas[i])
-            x = x + (higher - lower) * self.velocity(x, lower).float()
+            if method == "euler":
+                x = x + (higher - lower) * self.velocity(x, lower).float()
+                continue
+            if velocity is None:
+                velocity = self.velocity(x, lower).float()
+            for _ in range(fixed_point_iterations):
+                velocity = self.velocity(x + (higher - lower) * velocity, higher).float()
+            x = x + (higher - lower) * velocity
         return x
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
