@@ -3,7 +3,8 @@
 Constant CFG 2 against Adaptive Guidance with γ̄ close to 1 and with a ``start_step`` (no switch
 before it), and against the LinearAG-style cached-Δ variant (``--cached-delta EVERY@START-END``:
 the unconditional pass runs on one step in EVERY inside that window, and the other steps reuse the
-last computed guidance update), alone or inside Adaptive Guidance, on the same seeds. Target (issue 6): ≥ 25% fewer NFEs, accuracy within 1 point and
+last computed guidance update), alone or inside Adaptive Guidance, and LinearAG with coefficients
+fitted on calibration samples of other seeds (``--linear-ag EVERY@START-END``), on the same seeds. Target (issue 6): ≥ 25% fewer NFEs, accuracy within 1 point and
 Fréchet distance within 5% of full CFG. Judge: the bundled classifier.
 
     python bench/ag_sweep.py --num-samples 300        # CPU: ~35 min on 2 cores
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_result  # noqa: E402
 
-from steerkit.guidance import AdaptiveGuidance, CachedDeltaGuidance, ConstantSchedule  # noqa: E402
+from steerkit.guidance import AdaptiveGuidance, CachedDeltaGuidance, ConstantSchedule, LinearAGGuidance  # noqa: E402
 from steerkit.zoo import load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline  # noqa: E402
 from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
 
@@ -48,6 +49,10 @@ def main(argv=None) -> dict:
                         help="cached-Δ variants as EVERY@START-END (fractions of the trajectory), comma-separated")
     parser.add_argument("--ag-cached-delta", default="",
                         help="Adaptive Guidance (γ̄) around cached Δ, as THRESHOLD:EVERY@START-END, comma-separated")
+    parser.add_argument("--linear-ag", default="",
+                        help="LinearAG with coefficients fitted on --calibration samples (other seeds), as "
+                             "EVERY@START-END, comma-separated")
+    parser.add_argument("--calibration", type=int, default=100, help="calibration samples for --linear-ag")
     parser.add_argument("--name", default=None, help="result file name (default ag_sweep_DEVICE)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -67,6 +72,15 @@ def main(argv=None) -> dict:
         configs[f"ag 0.99 start {start}"] = AdaptiveGuidance(args.scale, threshold=0.99, start_step=start)
     for spec in (s for s in args.cached_delta.split(",") if s):
         configs[f"cached-delta {spec}"] = cached_delta(args.scale, spec)
+    for spec in (s for s in args.linear_ag.split(",") if s):
+        every, window = spec.split("@")
+        start, end = (float(x) for x in window.split("-"))
+        calibration_labels = (torch.arange(args.calibration) % 10).tolist()
+        configs[f"linear-ag {spec}"] = LinearAGGuidance.fit(
+            pipe, base=args.scale, refresh_every=int(every), window=(start, end), num_inference_steps=args.steps,
+            class_labels=calibration_labels,
+            generator=[torch.Generator(args.device).manual_seed(10_000 + i) for i in range(args.calibration)])
+        print(f"linear-ag {spec}: {configs[f'linear-ag {spec}'].coefficients}", flush=True)
     for spec in (s for s in args.ag_cached_delta.split(",") if s):
         threshold, inner = spec.split(":")
         configs[f"ag {threshold} + cached-delta {inner}"] = AdaptiveGuidance(

@@ -113,6 +113,10 @@ def evaluator_overhead(pipe, labels, args) -> dict:
     return overhead
 
 
+def _name(part: str, args) -> str:
+    return f"{part}_{args.device.split(':')[0]}" + (f"_{args.name}" if args.name else "")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +131,7 @@ def main(argv=None):
     parser.add_argument("--sweep", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--timing-batch", type=int, default=50)
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--name", default=None, help="suffix of the result files (gfcg_DEVICE_NAME.json, ...)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -138,15 +143,15 @@ def main(argv=None):
               "steps": args.steps, "model": "fashion-flow (FlowMatchEuler)"}
     if args.part in ("gfcg", "all"):
         result["gfcg"] = {"gfcg_scale": args.gfcg_scale, "rule": args.gfcg_rule, "rows": gfcg_part(pipe, judge, labels, args)}
-        write_result(f"gfcg_{args.device.split(':')[0]}", result["gfcg"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
+        write_result(_name("gfcg", args), result["gfcg"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
     if args.part == "overhead":
         overhead = evaluator_overhead(pipe, labels, args)
-        write_result(f"dynamic_overhead_{args.device.split(':')[0]}", {"sweep": args.sweep, "overhead": overhead,
+        write_result(_name("dynamic_overhead", args), {"sweep": args.sweep, "overhead": overhead,
                      "common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
     if args.part in ("dynamic", "all"):
         rows, overhead = dynamic_part(pipe, judge, labels, args)
         result["dynamic"] = {"sweep": args.sweep, "rows": rows, "overhead": overhead}
-        write_result(f"dynamic_{args.device.split(':')[0]}", result["dynamic"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
+        write_result(_name("dynamic", args), result["dynamic"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def main(argv=None):
     parser.add_argument("--methods", default="best-of-k,fk-max,fk-difference",
                         help="comma list: best-of-k, fk-max, fk-difference, fk-difference-ess (adaptive "
                              "resampling when ESS < 0.5·k, at the same scoring steps)")
+    parser.add_argument("--resample-at", default=None,
+                        help="FK scoring steps as fractions of the trajectory, e.g. 0.6,0.7,0.8,0.9 "
+                             "(default: FKSteering's 20/40/60/80%%)")
     parser.add_argument("--name", default=None, help="result file name (default fk_DEVICE)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -84,12 +87,14 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    at = None if args.resample_at is None else [float(v) for v in args.resample_at.split(",")]
     methods = {
         "best-of-k": lambda spec, lmbda: BestOfN(reward=spec),
-        "fk-max": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="max"),
-        "fk-difference": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference"),
+        "fk-max": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="max", resample_at=at),
+        "fk-difference": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
+                                                        resample_at=at),
         "fk-difference-ess": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
-                                                            ess_threshold=0.5),
+                                                            ess_threshold=0.5, resample_at=at),
     }
     chosen = args.methods.split(",")
     unknown = [m for m in chosen + args.rewards.split(",") if m not in methods and m not in REWARDS]

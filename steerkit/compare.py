@@ -77,7 +77,8 @@ A method is [NAME=]PART[+PART...]; rows of the grid and the table are named NAME
     2 or cfg:2                          constant CFG (diffusers convention, 1 = off)
     linear:1->3  cosine:1->3  power:1->3,2  clamp-linear:3,1  interval:3,0.2,0.8 (σ band)
     piecewise:0=1,0.5=3,1=2             schedules, as in `steerkit generate --guidance`
-    apg:3  cfg-zero-star:3  cached-delta:3[,EVERY]    diffusers' guiders / cached Δ
+    apg:3  cfg-zero-star:3              diffusers' guiders
+    cached-delta:3[,EVERY[,START,END]]  LinearAG-style cached Δ (uncond pass on 1 step in EVERY)
   ag:THRESHOLD or ag:SCALE,THRESHOLD    Adaptive Guidance on top of the guidance
   gfcg:OMEGA                            gradient-free classifier guidance (classifier: --steer-reward)
   dynamic:S1,S2,...                     dynamic CFG over these candidate scales, the guidance as prior

@@ -384,3 +384,78 @@ def test_cached_delta_skips_every_other_unconditional_pass_and_reuses_the_update
     torch.testing.assert_close(out.images, (latents / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="refresh_every must be an integer ≥ 2"):
         CachedDeltaGuidance(3.0, refresh_every=1)
+
+
+def test_cached_delta_cli_form_takes_a_window():
+    from steerkit.guidance.guiders import parse_combiner
+
+    whole = parse_combiner("cached-delta:2,3,0,1")
+    assert (whole.refresh_every, whole.window, whole.base.guidance_scale) == (3, (0.0, 1.0), 2.0)
+    assert parse_combiner("cached-delta:2").window == type(whole).DEFAULT_WINDOW
+    with pytest.raises(ValueError, match=r"SCALE\[,EVERY\[,START,END\]\]"):
+        parse_combiner("cached-delta:2,2,0")
+    with pytest.raises(ValueError, match="EVERY must be an integer"):
+        parse_combiner("cached-delta:2,2.5")
+    with pytest.raises(ValueError, match="window must satisfy"):
+        parse_combiner("cached-delta:2,2,0.6,0.4")
+
+
+# --- LinearAG with fitted coefficients ---------------------------------------------------------------
+
+def test_linear_ag_with_cached_delta_coefficients_is_cached_delta(pipe):
+    from steerkit.guidance import CachedDeltaGuidance, LinearAGGuidance
+    from steerkit.guidance.linear_ag import CACHED_DELTA_COEFFICIENTS
+
+    pattern = CachedDeltaGuidance(3.0, refresh_every=2, window=(0.0, 1.0))
+    assert pattern.plan(STEPS) == {1: 0, 3: 2}
+    linear = LinearAGGuidance(3.0, {1: CACHED_DELTA_COEFFICIENTS, 3: CACHED_DELTA_COEFFICIENTS}, STEPS)
+    cached, fitted = run(pipe, pattern), run(pipe, linear)
+    torch.testing.assert_close(fitted.images, cached.images, atol=1e-5, rtol=0)  # float rounding of the algebra
+    assert [s.nfe.get("uncond", 0) for s in fitted.steering.steps] == [4, 0, 4, 0, 4]
+
+
+def test_linear_ag_fit_is_the_least_squares_estimate_of_the_unconditional_prediction(pipe):
+    from steerkit.guidance import LinearAGGuidance
+    from steerkit.guidance.linear_ag import CACHED_DELTA_COEFFICIENTS, _Recorder
+
+    calibration = dict(class_labels=[0, 1, 2, 3, 0, 1], generator=torch.Generator().manual_seed(5))
+    fitted = LinearAGGuidance.fit(pipe, base=3.0, refresh_every=2, num_inference_steps=STEPS, **calibration)
+    assert set(fitted.coefficients) == {1, 3}
+    recorder = _Recorder(ClassifierFreeGuidance(3.0))
+    pipe(guidance=recorder, num_inference_steps=STEPS, output_type="latent",
+         **dict(calibration, generator=torch.Generator().manual_seed(5)))
+
+    def residual(step, full, coefficients):
+        (cond, uncond), (cond_full, uncond_full) = recorder.predictions[step], recorder.predictions[full]
+        a, b, d = coefficients
+        return (uncond - (a * cond + b * cond_full + d * uncond_full)).double().pow(2).sum().item()
+
+    for step, full in ((1, 0), (3, 2)):
+        best = residual(step, full, fitted.coefficients[step])
+        assert best < residual(step, full, CACHED_DELTA_COEFFICIENTS)
+        for delta in torch.eye(3, dtype=torch.float64) * 1e-3:  # a minimum: every nudge costs more
+            for sign in (1, -1):
+                nudged = [c + sign * float(x) for c, x in zip(fitted.coefficients[step], delta)]
+                assert residual(step, full, nudged) > best
+
+
+def test_linear_ag_round_trips_through_json_and_refuses_other_step_counts(pipe, tmp_path):
+    from steerkit.guidance import LinearAGGuidance, LinearSchedule
+
+    fitted = LinearAGGuidance.fit(pipe, base=LinearSchedule(2.0, 4.0), num_inference_steps=STEPS,
+                                  class_labels=[0, 1], generator=torch.Generator().manual_seed(1))
+    fitted.save(tmp_path / "linear_ag.json")
+    loaded = LinearAGGuidance.load(tmp_path / "linear_ag.json")
+    assert loaded.coefficients == fitted.coefficients and loaded.to_dict() == fitted.to_dict()
+    torch.testing.assert_close(run(pipe, loaded).images, run(pipe, fitted).images, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="fitted for 5 steps; this run has 7"):
+        pipe(class_labels=[0], num_inference_steps=7, guidance=loaded, output_type="latent")
+    with pytest.raises(ValueError, match=r"no coefficients for estimated steps \[3\]"):
+        LinearAGGuidance(3.0, {1: (1, -1, 1)}, STEPS)
+    with pytest.raises(ValueError, match="three finite numbers"):
+        LinearAGGuidance(3.0, {1: (1, -1), 3: (1, -1, 1)}, STEPS)
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read LinearAG coefficients"):
+        LinearAGGuidance.load(tmp_path / "junk.json")
+    with pytest.raises(ValueError, match="must run the unconditional pass"):
+        LinearAGGuidance.fit(pipe, base=1.0, num_inference_steps=STEPS, class_labels=[0])

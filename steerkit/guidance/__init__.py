@@ -2,7 +2,9 @@
 
 - :mod:`.base`: the :class:`Guidance` interface, :class:`StepContext`, and stock CFG.
 - :mod:`.schedules`: static per-step scale schedules (linear, cosine, interval on σ, ...).
-- :mod:`.adaptive`: Adaptive Guidance (drop the unconditional pass per sample once it stops mattering).
+- :mod:`.adaptive`: Adaptive Guidance (drop the unconditional pass per sample once it stops mattering),
+  and cached Δ (reuse the last guidance update on some steps).
+- :mod:`.linear_ag`: LinearAG, the unconditional prediction estimated from past ones with fitted coefficients.
 - :mod:`.gfcg`: gradient-free classifier guidance (push away from a classifier-chosen reference class).
 - :mod:`.guiders`: diffusers' own guiders (APG, CFG-Zero*, ...) run by the steerkit loop.
 - :mod:`.dynamic`: dynamic CFG (per-step, per-sample scale chosen by evaluators, no extra NFEs).
@@ -13,6 +15,7 @@ from .base import BranchRequest, ClassifierFreeGuidance, Guidance, Scale, StepCo
 from .dynamic import DynamicGuidance
 from .gfcg import GradientFreeClassifierGuidance
 from .guiders import DiffusersGuider
+from .linear_ag import LinearAGGuidance
 from .schedules import (
     ClampLinearSchedule,
     ConstantSchedule,
@@ -39,6 +42,7 @@ __all__ = [
     "CosineSchedule",
     "Guidance",
     "IntervalSchedule",
+    "LinearAGGuidance",
     "LinearSchedule",
     "PiecewiseSchedule",
     "PowerSchedule",

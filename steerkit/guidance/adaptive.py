@@ -117,7 +117,9 @@ class CachedDeltaGuidance(Guidance):
         window: ``(start, end)`` fractions of the trajectory where steps may be estimated.
     """
 
-    def __init__(self, base: Guidance | float = 7.5, refresh_every: int = 2, window=(0.0, 0.5)):
+    DEFAULT_WINDOW = (0.0, 0.5)
+
+    def __init__(self, base: Guidance | float = 7.5, refresh_every: int = 2, window=DEFAULT_WINDOW):
         from .gfcg import _as_guidance, _window
 
         self.base = _as_guidance(base)
@@ -132,15 +134,30 @@ class CachedDeltaGuidance(Guidance):
     def start_run(self, run, state) -> None:
         self.base.start_run(run, state)
         state.stats.pop(DELTA, None)
-        self._first_in_window: int | None = None
+        self._plan = self.plan(run.num_steps)
+
+    def plan(self, num_steps: int) -> dict[int, int]:
+        """``{estimated step: the full step whose predictions it reuses}`` for a run of ``num_steps``.
+
+        The first step inside the window is full; from there one step in ``refresh_every`` is full.
+        """
+        plan: dict[int, int] = {}
+        first = last_full = None
+        for step in range(num_steps):
+            progress = step / max(num_steps - 1, 1)
+            if not self.window[0] <= progress <= self.window[1]:
+                continue
+            if first is None:
+                first = step
+            if (step - first) % self.refresh_every == 0:
+                last_full = step
+            else:
+                plan[step] = last_full
+        return plan
 
     def _estimated(self, ctx: StepContext) -> bool:
-        if not self.window[0] <= ctx.progress <= self.window[1]:
-            return False
-        if self._first_in_window is None:
-            self._first_in_window = ctx.step
-        due = (ctx.step - self._first_in_window) % self.refresh_every != 0
-        return due and DELTA in ctx.state.stats  # never estimate before a full step has cached Δ
+        # Never estimate before a full step has cached its predictions (its scale may have been 1).
+        return ctx.step in self._plan and DELTA in ctx.state.stats
 
     def scale(self, ctx: StepContext) -> Scale:
         base = self.base.scale(ctx)
@@ -167,8 +184,12 @@ class CachedDeltaGuidance(Guidance):
         scale = self._step_scale
         if isinstance(scale, torch.Tensor):
             scale = scale.to(guided.device, guided.dtype).reshape(-1, *([1] * (guided.ndim - 1)))
-        delta = ctx.state.stats[DELTA].to(guided.device, guided.dtype)
+        delta = self._estimated_delta(predictions, ctx).to(guided.device, guided.dtype)
         return guided + (scale - 1) * delta  # guided is the conditional prediction (plus any extra terms)
+
+    def _estimated_delta(self, predictions, ctx) -> torch.Tensor:
+        """The guidance update ``cond − uncond`` assumed on an estimated step: the cached one."""
+        return ctx.state.stats[DELTA]
 
     def extra_branches(self, ctx, conditioning, guided):
         return self.base.extra_branches(ctx, conditioning, guided)

@@ -90,7 +90,7 @@ class DiffusersGuider(Guidance):
 
 def parse_combiner(text: str) -> Guidance | None:
     """The CLI forms of the combiners: ``apg:SCALE[,ETA[,RESCALE]]``, ``cfg-zero-star:SCALE``,
-    ``cached-delta:SCALE[,EVERY]``; ``None`` if ``text`` names none of them."""
+    ``cached-delta:SCALE[,EVERY[,START,END]]``; ``None`` if ``text`` names none of them."""
     name, _, arguments = text.partition(":")
     name = name.strip().lower()
     if name not in ("apg", "cfg-zero-star", "cached-delta"):
@@ -104,8 +104,13 @@ def parse_combiner(text: str) -> Guidance | None:
     if name == "cached-delta":
         from .adaptive import CachedDeltaGuidance
 
-        every = int(values[1]) if len(values) > 1 else 2
-        return CachedDeltaGuidance(values[0], refresh_every=every)
+        if len(values) not in (1, 2, 4):
+            raise ValueError(f"cached-delta takes SCALE[,EVERY[,START,END]], got {arguments!r}")
+        every = values[1] if len(values) > 1 else 2
+        if every != int(every):
+            raise ValueError(f"cached-delta: EVERY must be an integer ≥ 2, got {every:g}")
+        window = tuple(values[2:4]) if len(values) == 4 else CachedDeltaGuidance.DEFAULT_WINDOW
+        return CachedDeltaGuidance(values[0], refresh_every=int(every), window=window)
     from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeZeroStarGuidance
     from diffusers.utils import logging as diffusers_logging
 
