@@ -54,6 +54,8 @@ def main(argv=None):
     parser.add_argument("--resample-at", default=None,
                         help="FK scoring steps as fractions of the trajectory, e.g. 0.6,0.7,0.8,0.9 "
                              "(default: FKSteering's 20/40/60/80%%)")
+    parser.add_argument("--lmbda", type=float, default=None,
+                        help=f"λ for every reward (default: {', '.join(f'{k} {v[1]:g}' for k, v in REWARDS.items())})")
     parser.add_argument("--name", default=None, help="result file name (default fk_DEVICE)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -102,12 +104,13 @@ def main(argv=None):
         parser.error(f"unknown methods or rewards: {unknown}")
     for reward_name in args.rewards.split(","):
         spec, lmbda = REWARDS[reward_name]
+        lmbda = lmbda if args.lmbda is None else args.lmbda
         run("plain", reward_name, 1, [])
         for k in [int(v) for v in args.ks.split(",")]:
             for method in chosen:
                 run(method, reward_name, k, [methods[method](spec, lmbda)])
     result = {"benchmark": "fk", "environment": environment(), "settings": vars(args),
-              "lambda": {k: v[1] for k, v in REWARDS.items()}, "rows": rows}
+              "lambda": {k: v[1] if args.lmbda is None else args.lmbda for k, v in REWARDS.items()}, "rows": rows}
     write_result(args.name or f"fk_{args.device}", result, args.out)
     lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
