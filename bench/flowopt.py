@@ -33,7 +33,7 @@ from steerkit.zoo import FASHION_CLASSES, load_fashion_mnist, load_fashion_pipel
 def ode_baseline(pipe, images, labels, steps):
     f = FlowMap(pipe, num_inference_steps=steps, class_labels=labels)
     target = f.encode(images)
-    z = f.invert(target)
+    z = f.invert(target, method="euler")
     out = f(z)
     return psnr(f.decode(out), images).tolist(), ((out - target) ** 2).flatten(1).mean(1).tolist(), f.nfe // len(labels)
 

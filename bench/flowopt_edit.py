@@ -36,6 +36,9 @@ def main(argv=None):
     parser.add_argument("--n-max", default="6,9,12")
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=3.0, help="target CFG scale")
+    parser.add_argument("--init", default="uniinv", choices=["uniinv", "euler"],
+                        help="inversion of the source (session 2's recorded table used euler)")
+    parser.add_argument("--name", default="flowopt_edit")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv=None):
         outputs = []
         result = edit(pipe, images, source={"class_labels": source_names}, target={"class_labels": target_names},
                       num_inference_steps=args.steps, n_max=n_max, iterations=args.iterations,
-                      target_guidance=args.guidance, progress=False,
+                      target_guidance=args.guidance, init=args.init, progress=False,
                       callback=lambda info, outputs=outputs: outputs.append(info["output"].detach().clone()))
         points = []
         for k, output in enumerate(outputs):
@@ -70,7 +73,7 @@ def main(argv=None):
         print(json.dumps({"n_max": n_max, "points": points}), flush=True)
     out = {"benchmark": "flowopt_edit", "environment": environment(), "settings": vars(args), "pairs": PAIRS,
            "images": len(images), "curves": curves}
-    path = write_result("flowopt_edit", out, args.out)
+    path = write_result(args.name, out, args.out)
     try:
         import matplotlib
 
@@ -88,7 +91,7 @@ def main(argv=None):
         ax.set_title(f"FlowOpt editing on fashion-flow ({len(images)} images)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path.with_name("flowopt_edit.png"), dpi=120)
+        fig.savefig(path.with_suffix(".png"), dpi=120)
     except ImportError:
         pass
     lines = ["| n_max / T | iteration | target accuracy | PSNR to source (dB) | MSE to source |", "|---|---|---|---|---|"]
