@@ -42,10 +42,8 @@ class LinearAGGuidance(CachedDeltaGuidance):
         refresh_every, window: the step pattern, as in :class:`CachedDeltaGuidance`.
     """
 
-    DEFAULT_WINDOW = (0.0, 1.0)
-
     def __init__(self, base: Guidance | float, coefficients: dict[int, Sequence[float]], num_steps: int,
-                 refresh_every: int = 2, window=DEFAULT_WINDOW):
+                 refresh_every: int = 2, window=CachedDeltaGuidance.DEFAULT_WINDOW):
         super().__init__(base, refresh_every=refresh_every, window=window)
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer ≥ 1, got {num_steps!r}")
@@ -65,7 +63,8 @@ class LinearAGGuidance(CachedDeltaGuidance):
 
     # --- fitting ---------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, pipe: Any, base: Guidance | float = 7.5, refresh_every: int = 2, window=DEFAULT_WINDOW,
+    def fit(cls, pipe: Any, base: Guidance | float = 7.5, refresh_every: int = 2,
+            window=CachedDeltaGuidance.DEFAULT_WINDOW,
             num_inference_steps: int = 50, **call: Any) -> LinearAGGuidance:
         """Sample calibration trajectories with full guidance and fit the coefficients.
 
