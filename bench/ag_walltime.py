@@ -5,8 +5,8 @@ and SDXL pipelines. The tiny models are random, so their cond/uncond cosine says
 when a real model converges; here every sample switches off at ``--switch`` (a fraction of the
 steps, through ``start_step`` with γ̄ at its lowest), which fixes the NFE saving, and the question
 is only whether the skipped rows turn into saved time. Constant CFG and AG calls are interleaved.
-Also timed: the cached-Δ LinearAG variant (``CachedDeltaGuidance``, every other step estimated in
-the first half).
+Also timed: the cached-Δ LinearAG variant (``CachedDeltaGuidance``, every other step estimated,
+over the whole trajectory by default or in the first half with ``--cached-window 0,0.5``).
 
     python bench/ag_walltime.py [--device cpu|cuda] [--repeats 10]
 """
@@ -35,6 +35,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--switch", type=float, default=0.5, help="fraction of the steps after which AG switches off")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=64, help="pixels (the tiny SD3 allows at most 96 latent px)")
+    parser.add_argument("--cached-window", default="0,1", help="cached Δ's window, START,END")
+    parser.add_argument("--name", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rows = []
@@ -47,7 +49,8 @@ def main(argv=None) -> dict:
             "cfg": ClassifierFreeGuidance(5.0),
             # threshold ~0: every sample passes the test as soon as it is checked, at start_step.
             "adaptive": AdaptiveGuidance(5.0, threshold=1e-9, start_step=round(args.switch * args.steps) - 1),
-            "cached-delta": CachedDeltaGuidance(5.0, refresh_every=2, window=(0.0, 0.5)),
+            "cached-delta": CachedDeltaGuidance(5.0, refresh_every=2,
+                                                window=tuple(float(v) for v in args.cached_window.split(","))),
         }
         nfe = {}
 
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
                          "nfe_ratio": nfe[name] / nfe["cfg"], "time_ratio": median(times[name]) / base})
             print(rows[-1], flush=True)
     result = {"benchmark": "ag_walltime", "environment": environment(), "settings": vars(args), "rows": rows}
-    write_result(f"ag_walltime_{args.device.split(':')[0]}", result, args.out)
+    write_result(args.name or f"ag_walltime_{args.device.split(':')[0]}", result, args.out)
     return result
 
 
