@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_guidance_spec, default=None,
                      help="CFG scale (diffusers convention, 1 = off) or a schedule: linear:1->7.5, cosine:1->7.5, "
                           "power:1->7.5,2, clamp-linear:4,1, interval:4,0.3,5 (σ band), piecewise:0=1,0.5=6,1=2; "
-                          "or a combiner: apg:7.5[,eta,rescale], cfg-zero-star:4, cached-delta:7.5[,every[,start,end]]; "
+                          "or a combiner: apg:7.5[,eta,rescale], cfg-zero-star:4, cached-delta:7.5[,every[,start,end]], linear-ag:FILE.json; "
                           "default: the model's")
     gen.add_argument("--adaptive-guidance", type=float, default=None, metavar="THRESHOLD",
                      help="Adaptive Guidance: per sample, drop the unconditional pass once cos(cond, uncond) ≥ THRESHOLD")

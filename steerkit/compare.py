@@ -79,6 +79,7 @@ A method is [NAME=]PART[+PART...]; rows of the grid and the table are named NAME
     piecewise:0=1,0.5=3,1=2             schedules, as in `steerkit generate --guidance`
     apg:3  cfg-zero-star:3              diffusers' guiders
     cached-delta:3[,EVERY[,START,END]]  LinearAG-style cached Δ (uncond pass on 1 step in EVERY)
+    linear-ag:FILE.json                 LinearAG with coefficients fitted and saved in Python
   ag:THRESHOLD or ag:SCALE,THRESHOLD    Adaptive Guidance on top of the guidance
   gfcg:OMEGA                            gradient-free classifier guidance (classifier: --steer-reward)
   dynamic:S1,S2,...                     dynamic CFG over these candidate scales, the guidance as prior

@@ -459,3 +459,8 @@ def test_linear_ag_round_trips_through_json_and_refuses_other_step_counts(pipe, 
         LinearAGGuidance.load(tmp_path / "junk.json")
     with pytest.raises(ValueError, match="must run the unconditional pass"):
         LinearAGGuidance.fit(pipe, base=1.0, num_inference_steps=STEPS, class_labels=[0])
+    from steerkit.guidance.guiders import parse_combiner
+
+    assert parse_combiner(f"linear-ag:{tmp_path / 'linear_ag.json'}").coefficients == fitted.coefficients
+    with pytest.raises(ValueError, match="cannot read LinearAG coefficients"):
+        parse_combiner(f"linear-ag:{tmp_path / 'missing.json'}")

@@ -90,9 +90,16 @@ class DiffusersGuider(Guidance):
 
 def parse_combiner(text: str) -> Guidance | None:
     """The CLI forms of the combiners: ``apg:SCALE[,ETA[,RESCALE]]``, ``cfg-zero-star:SCALE``,
-    ``cached-delta:SCALE[,EVERY[,START,END]]``; ``None`` if ``text`` names none of them."""
+    ``cached-delta:SCALE[,EVERY[,START,END]]``, ``linear-ag:COEFFICIENTS.json`` (saved by
+    :meth:`LinearAGGuidance.save`); ``None`` if ``text`` names none of them."""
     name, _, arguments = text.partition(":")
     name = name.strip().lower()
+    if name == "linear-ag":
+        from .linear_ag import LinearAGGuidance
+
+        if not arguments.strip():
+            raise ValueError("linear-ag needs the JSON file of fitted coefficients, e.g. linear-ag:coefficients.json")
+        return LinearAGGuidance.load(arguments.strip())
     if name not in ("apg", "cfg-zero-star", "cached-delta"):
         return None
     try:
