@@ -113,7 +113,8 @@ class CachedDeltaGuidance(Guidance):
 
     The default, every other step over the whole trajectory, saves 25% of NFEs. It is the setting
     that kept accuracy within 1 point and Fréchet distance within 5% of full CFG on both bundled
-    models in ``bench/ag_sweep.py`` (the cosine switch of :class:`AdaptiveGuidance` did not).
+    models in ``bench/ag_sweep.py`` (fashion-ddpm at the edge); the cosine switch of
+    :class:`AdaptiveGuidance` did not.
 
     Args:
         base: constant CFG scale, or a schedule (any guidance whose combination is CFG's linear rule).
