@@ -464,3 +464,17 @@ def test_linear_ag_round_trips_through_json_and_refuses_other_step_counts(pipe, 
     assert parse_combiner(f"linear-ag:{tmp_path / 'linear_ag.json'}").coefficients == fitted.coefficients
     with pytest.raises(ValueError, match="cannot read LinearAG coefficients"):
         parse_combiner(f"linear-ag:{tmp_path / 'missing.json'}")
+
+
+def test_linear_ag_composes_with_fk_resampling():
+    from steerkit.guidance import LinearAGGuidance
+
+    pipe = steerkit.steer(testing.tiny_class_conditional(scheduler=DDPMScheduler(), num_classes=4))
+    pipe.set_progress_bar_config(disable=True)
+    guidance = LinearAGGuidance.fit(pipe, base=3.0, num_inference_steps=STEPS, class_labels=[0, 1, 2, 3],
+                                    generator=torch.Generator().manual_seed(9))
+    fk = FKSteering(reward=lambda images, prompts: images.flatten(1).mean(1), lmbda=50.0, resample_at=[2])
+    out = run(pipe, guidance, labels=(0, 3), hooks=[fk], num_particles=3)
+    assert out.images.shape[0] == 2 and out.steering.steps[2].ancestors is not None
+    # Step 3 is estimated from step 2's cached predictions, kept in state.stats (re-indexed on resampling).
+    assert [s.nfe.get("uncond", 0) for s in out.steering.steps] == [6, 0, 6, 0, 6]
