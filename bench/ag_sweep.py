@@ -4,8 +4,8 @@ Constant CFG 2 against Adaptive Guidance with γ̄ close to 1 and with a ``start
 before it), and against the LinearAG-style cached-Δ variant (``--cached-delta EVERY@START-END``:
 the unconditional pass runs on one step in EVERY inside that window, and the other steps reuse the
 last computed guidance update), alone or inside Adaptive Guidance, and LinearAG with coefficients
-fitted on calibration samples of other seeds (``--linear-ag EVERY@START-END``), on the same seeds. Target (issue 6): ≥ 25% fewer NFEs, accuracy within 1 point and
-Fréchet distance within 5% of full CFG. Judge: the bundled classifier.
+fitted on calibration samples of other seeds (``--linear-ag EVERY@START-END``), on the same seeds.
+Target (issue 6): ≥ 25% fewer NFEs, accuracy within 1 point and Fréchet distance within 5% of full CFG. Judge: the bundled classifier.
 
     python bench/ag_sweep.py --num-samples 300        # CPU: ~35 min on 2 cores
     python bench/ag_sweep.py --thresholds "" --start-steps "" --cached-delta 2@0-1 --steps 50
@@ -29,11 +29,11 @@ from steerkit.zoo import load_fashion_classifier, load_fashion_mnist, load_fashi
 from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
 
 
-def cached_delta(scale: float, spec: str) -> CachedDeltaGuidance:
-    """``EVERY@START-END`` → cached Δ refreshed every EVERY steps inside that trajectory window."""
+def step_pattern(spec: str) -> dict:
+    """``EVERY@START-END`` → one full step in EVERY inside that window (fractions of the trajectory)."""
     every, window = spec.split("@")
     start, end = (float(x) for x in window.split("-"))
-    return CachedDeltaGuidance(scale, refresh_every=int(every), window=(start, end))
+    return {"refresh_every": int(every), "window": (start, end)}
 
 
 def main(argv=None) -> dict:
@@ -71,20 +71,18 @@ def main(argv=None) -> dict:
     for start in (int(s) for s in args.start_steps.split(",") if s):
         configs[f"ag 0.99 start {start}"] = AdaptiveGuidance(args.scale, threshold=0.99, start_step=start)
     for spec in (s for s in args.cached_delta.split(",") if s):
-        configs[f"cached-delta {spec}"] = cached_delta(args.scale, spec)
+        configs[f"cached-delta {spec}"] = CachedDeltaGuidance(args.scale, **step_pattern(spec))
     for spec in (s for s in args.linear_ag.split(",") if s):
-        every, window = spec.split("@")
-        start, end = (float(x) for x in window.split("-"))
         calibration_labels = (torch.arange(args.calibration) % 10).tolist()
         configs[f"linear-ag {spec}"] = LinearAGGuidance.fit(
-            pipe, base=args.scale, refresh_every=int(every), window=(start, end), num_inference_steps=args.steps,
+            pipe, base=args.scale, **step_pattern(spec), num_inference_steps=args.steps,
             class_labels=calibration_labels,
             generator=[torch.Generator(args.device).manual_seed(10_000 + i) for i in range(args.calibration)])
         print(f"linear-ag {spec}: {configs[f'linear-ag {spec}'].coefficients}", flush=True)
     for spec in (s for s in args.ag_cached_delta.split(",") if s):
         threshold, inner = spec.split(":")
         configs[f"ag {threshold} + cached-delta {inner}"] = AdaptiveGuidance(
-            cached_delta(args.scale, inner), threshold=float(threshold))
+            CachedDeltaGuidance(args.scale, **step_pattern(inner)), threshold=float(threshold))
     rows = []
     for name, guidance in configs.items():
         generators = [torch.Generator(args.device).manual_seed(i) for i in range(args.num_samples)]

@@ -176,12 +176,18 @@ class CachedDeltaGuidance(Guidance):
 
     def combine(self, cond, uncond, scale, ctx, rows=None):
         guided = self.base.combine(cond, uncond, scale, ctx, rows)
-        stats = ctx.state.stats
-        if DELTA not in stats:
-            stats[DELTA] = torch.zeros((ctx.num_rows, *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
-        index = torch.arange(ctx.num_rows, device=cond.device) if rows is None else rows.to(cond.device)
-        stats[DELTA] = stats[DELTA].index_copy(0, index, (cond - uncond).to(stats[DELTA].dtype))
+        self._cache(ctx, rows, {DELTA: cond - uncond})
         return guided
+
+    @staticmethod
+    def _cache(ctx: StepContext, rows: torch.Tensor | None, values: dict[str, torch.Tensor]) -> None:
+        """Store per-row predictions of a full step in ``state.stats`` (re-indexed on resampling)."""
+        stats = ctx.state.stats
+        for key, value in values.items():
+            if key not in stats:
+                stats[key] = torch.zeros((ctx.num_rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            index = torch.arange(ctx.num_rows, device=value.device) if rows is None else rows.to(value.device)
+            stats[key] = stats[key].index_copy(0, index, value.to(stats[key].dtype))
 
     def combine_extra(self, guided, predictions, rows, ctx):
         guided = self.base.combine_extra(guided, predictions, rows, ctx)

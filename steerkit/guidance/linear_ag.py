@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .adaptive import CachedDeltaGuidance
+from .adaptive import DELTA, CachedDeltaGuidance
 from .base import Guidance
 
-COND_FULL, UNCOND_FULL = "linear_ag_cond", "linear_ag_uncond"
+COND_FULL = "linear_ag_cond"
 CACHED_DELTA_COEFFICIENTS = (1.0, -1.0, 1.0)
 
 
@@ -95,23 +95,18 @@ class LinearAGGuidance(CachedDeltaGuidance):
                              f"{run.num_steps}: fit them again for this step count")
         super().start_run(run, state)
         state.stats.pop(COND_FULL, None)
-        state.stats.pop(UNCOND_FULL, None)
 
     def combine(self, cond, uncond, scale, ctx, rows=None):
-        guided = super().combine(cond, uncond, scale, ctx, rows)
-        stats = ctx.state.stats
-        index = torch.arange(ctx.num_rows, device=cond.device) if rows is None else rows.to(cond.device)
-        for key, value in ((COND_FULL, cond), (UNCOND_FULL, uncond)):
-            if key not in stats:
-                stats[key] = torch.zeros((ctx.num_rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
-            stats[key] = stats[key].index_copy(0, index, value.to(stats[key].dtype))
+        guided = super().combine(cond, uncond, scale, ctx, rows)  # caches Δ_f = c_f − u_f
+        self._cache(ctx, rows, {COND_FULL: cond})
         return guided
 
     def _estimated_delta(self, predictions, ctx) -> torch.Tensor:
         a, b, d = self.coefficients[ctx.step]
         cond = predictions["cond"]
         stats = ctx.state.stats
-        uncond_hat = a * cond + b * stats[COND_FULL].to(cond) + d * stats[UNCOND_FULL].to(cond)
+        cond_full, delta_full = stats[COND_FULL].to(cond), stats[DELTA].to(cond)
+        uncond_hat = a * cond + b * cond_full + d * (cond_full - delta_full)  # u_f = c_f − Δ_f
         return cond - uncond_hat
 
     # --- saving ----------------------------------------------------------------------------------
