@@ -25,7 +25,8 @@ evaluations of ``f`` only, still with no backpropagation. Each iteration still c
 evaluation of ``f``. On the ill-conditioned paths that real flows give, the plain iteration's error
 decays slowly along the directions that ``f`` contracts least; Anderson mixing removes most of
 that (``bench/flowopt.py``). A problem whose loss rises above ``restart_ratio`` × its best restarts
-its history with a plain step.
+its history with a plain step. The warning about an η above the bound observed along the iterates
+is not given with mixing, whose steps are not ``η·(f(z) − y)``; the loss-based restart guards it.
 
 Monitoring. Each iteration records the MSE to the target and the PSNR of the decoded images.
 ``callback(info)`` is called after every iteration and may return ``True`` to stop. The run also
