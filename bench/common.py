@@ -67,3 +67,25 @@ def tiny_sd_pair(device: str):
     steered = steerkit.steer(stock)
     steered.set_progress_bar_config(disable=True)
     return stock, steered
+
+
+def stratified_bootstrap(labels: torch.Tensor, repeats: int = 1000, seed: int = 0) -> list[torch.Tensor]:
+    """Bootstrap index sets that redraw samples with replacement *within* each label.
+
+    The benchmarks balance samples over classes, so a resample keeps each class's count. Two methods
+    run on the same seeds are compared on the same index set (a paired bootstrap), which removes the
+    seed-to-seed variation they share.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    groups = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    draws = []
+    for _ in range(repeats):
+        draws.append(torch.cat([g[torch.randint(len(g), (len(g),), generator=generator)] for g in groups]))
+    return draws
+
+
+def percentile_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    ordered = torch.tensor(values, dtype=torch.float64).sort().values
+    low = ordered[int((1 - level) / 2 * (len(ordered) - 1))]
+    high = ordered[int((1 + level) / 2 * (len(ordered) - 1))]
+    return float(low), float(high)

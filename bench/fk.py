@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, write_result  # noqa: E402
+from common import environment, percentile_interval, stratified_bootstrap, write_result  # noqa: E402
 
 from steerkit.smc import BestOfN, FKSteering  # noqa: E402
 from steerkit.zoo import FASHION_CLASSES, load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline  # noqa: E402
@@ -31,14 +31,33 @@ from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
 REWARDS = {"classifier": ("classifier:fashion", 10.0), "brightness": ("brightness", 100.0)}
 
 
-def diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
+def diversity(features: torch.Tensor, labels: torch.Tensor, draw: torch.Tensor | None = None) -> float:
+    """Mean pairwise feature distance within a class, averaged over classes.
+
+    ``draw`` (bootstrap indices) restricts the pairs to those of the draw, leaving out pairs of a
+    sample with a copy of itself, which would otherwise pull the distance toward 0.
+    """
+    draw = torch.arange(len(labels)) if draw is None else draw
+    distances = torch.cdist(features, features)
     values = []
     for c in labels.unique():
-        f = features[labels == c]
-        if len(f) > 1:
-            d = torch.cdist(f, f)
-            values.append(d.sum() / (len(f) * (len(f) - 1)))
+        members = draw[labels[draw] == c]
+        distinct = members[:, None] != members[None, :]
+        if distinct.any():
+            values.append(distances[members][:, members][distinct].mean())
     return float(torch.stack(values).mean()) if values else float("nan")
+
+
+def paired_comparison(a: dict, b: dict, labels: torch.Tensor, repeats: int) -> dict:
+    """Differences a − b in mean reward and in diversity (%), with 95% paired-bootstrap intervals."""
+    draws = stratified_bootstrap(labels, repeats)
+    reward_gaps = [float(a["rewards"][d].mean() - b["rewards"][d].mean()) for d in draws]
+    diversity_gaps = [100 * (diversity(a["features"], labels, d) / diversity(b["features"], labels, d) - 1)
+                      for d in draws]
+    return {"reward_gap": float(a["rewards"].mean() - b["rewards"].mean()),
+            "reward_gap_ci": percentile_interval(reward_gaps),
+            "diversity_gap_percent": 100 * (diversity(a["features"], labels) / diversity(b["features"], labels) - 1),
+            "diversity_gap_percent_ci": percentile_interval(diversity_gaps)}
 
 
 def main(argv=None):
@@ -56,6 +75,10 @@ def main(argv=None):
                              "(default: FKSteering's 20/40/60/80%%)")
     parser.add_argument("--lmbda", type=float, default=None,
                         help=f"λ for every reward (default: {', '.join(f'{k} {v[1]:g}' for k, v in REWARDS.items())})")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="added to every particle's seed: a fresh set of seeds to confirm a result on")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="paired-bootstrap draws for the FK − best-of-k intervals (0: none)")
     parser.add_argument("--name", default=None, help="result file name (default fk_DEVICE)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -69,10 +92,11 @@ def main(argv=None):
     labels = [FASHION_CLASSES[i % 10] for i in range(args.prompts)]
     label_ids = torch.arange(args.prompts) % 10
     rows = []
+    per_image = {}  # (reward, method, k) → rewards and features of the returned images, for paired intervals
 
     def run(method, reward_name, k, hooks):
         rows_total = args.prompts * k
-        generators = [torch.Generator(args.device).manual_seed(1000 * k + r) for r in range(rows_total)]
+        generators = [torch.Generator(args.device).manual_seed(args.seed_offset + 1000 * k + r) for r in range(rows_total)]
         started = time.perf_counter()
         out = pipe(class_labels=labels, num_particles=k, num_inference_steps=args.steps, guidance_scale=1.0,
                    hooks=hooks, generator=generators, output_type="latent")
@@ -87,6 +111,7 @@ def main(argv=None):
                "diversity": diversity(features, label_ids), "frechet": frechet_distance(features, test_features),
                "nfe": out.steering.total_nfe, "seconds": round(seconds, 2)}
         rows.append(row)
+        per_image[reward_name, method, k] = {"rewards": reward.float().cpu(), "features": features}
         print(json.dumps(row), flush=True)
 
     at = None if args.resample_at is None else [float(v) for v in args.resample_at.split(",")]
@@ -109,13 +134,29 @@ def main(argv=None):
         for k in [int(v) for v in args.ks.split(",")]:
             for method in chosen:
                 run(method, reward_name, k, [methods[method](spec, lmbda)])
+    comparisons = []
+    for (reward_name, method, k), data in per_image.items():
+        baseline = per_image.get((reward_name, "best-of-k", k))
+        if args.bootstrap and method.startswith("fk") and baseline is not None:
+            gap = {"reward": reward_name, "method": method, "k": k,
+                   **paired_comparison(data, baseline, label_ids, args.bootstrap)}
+            comparisons.append(gap)
+            print(json.dumps(gap), flush=True)
     result = {"benchmark": "fk", "environment": environment(), "settings": vars(args),
-              "lambda": {k: v[1] if args.lmbda is None else args.lmbda for k, v in REWARDS.items()}, "rows": rows}
+              "lambda": {k: v[1] if args.lmbda is None else args.lmbda for k, v in REWARDS.items()}, "rows": rows,
+              "versus_best_of_k": comparisons}
     write_result(args.name or f"fk_{args.device}", result, args.out)
     lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['reward']} | {r['method']} | {r['k']} | {r['mean_reward']:.4f} | {r['accuracy']:.3f} | "
                      f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} |")
+    if comparisons:
+        lines += ["", "| reward | method | k | Δ mean reward vs best-of-k [95% CI] | Δ diversity vs best-of-k [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for c in comparisons:
+            (rl, rh), (dl, dh) = c["reward_gap_ci"], c["diversity_gap_percent_ci"]
+            lines.append(f"| {c['reward']} | {c['method']} | {c['k']} | {c['reward_gap']:+.4f} [{rl:+.4f}, {rh:+.4f}] | "
+                         f"{c['diversity_gap_percent']:+.1f}% [{dl:+.1f}, {dh:+.1f}] |")
     print("\n".join(lines))
 
 

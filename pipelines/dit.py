@@ -44,7 +44,7 @@ class DiTAdapter(Adapter):
         labels = call["class_labels"]
         if isinstance(labels, (int, str)):
             labels = [labels]
-        ids = [pipe.get_label_ids(label)[0] if isinstance(label, str) else int(label) for label in labels]
+        ids = [self._label_id(label) for label in labels]
         if not ids:
             raise ValueError("class_labels is empty")
         device = pipe._execution_device
@@ -67,8 +67,17 @@ class DiTAdapter(Adapter):
             prompts=[labels[i] for i in range(len(ids))],
         )
 
+    def _label_id(self, label: Any) -> int:
+        """A class id from an id or a name; a name that is a bare number (what :meth:`model_labels`
+        gives for classes without a name) is that id."""
+        if not isinstance(label, str):
+            return int(label)
+        if label not in (getattr(self.pipe, "labels", None) or {}) and label.isdigit():
+            return int(label)
+        return self.pipe.get_label_ids([label])[0]  # a bare string would be split into characters
+
     def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
-        ids = [self.pipe.get_label_ids(label)[0] if isinstance(label, str) else int(label) for label in labels]
+        ids = [self._label_id(label) for label in labels]
         return {"class_labels": torch.tensor(ids, device=self.pipe._execution_device)}
 
     def model_labels(self) -> list[str]:
@@ -103,3 +112,12 @@ class SteeredDiTPipeline(SteeredMixin, DiTPipeline):
     """``DiTPipeline`` whose call also takes steering arguments (see :class:`SteeredMixin`)."""
 
     adapter_class = DiTAdapter
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        # DiT keeps its class names in a plain attribute, not in the config that from_pipe copies;
+        # without this, steer(pipe) could no longer take class_labels=["goldfish"].
+        steered = super().from_pipe(pipeline, **kwargs)
+        if not getattr(steered, "labels", None) and getattr(pipeline, "labels", None):
+            steered.labels = dict(pipeline.labels)
+        return steered

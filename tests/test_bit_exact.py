@@ -206,3 +206,15 @@ def test_from_pretrained_and_steer_share_the_same_class(tmp_path, sd):
     a = stock_loaded(**kwargs, generator=torch.Generator().manual_seed(0)).images
     b = loaded(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(a, b)
+
+
+def test_dit_class_names_survive_steer():
+    stock = testing.tiny_dit()
+    steered = steerkit.steer(stock)
+    assert steered.labels == stock.labels
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt")
+    # The stock call takes ids only (from get_label_ids); the steered one also takes the names.
+    expected = stock(class_labels=stock.get_label_ids(["goldfish", "tench"]), generator=torch.Generator().manual_seed(0),
+                     **kwargs).images
+    out = steered(class_labels=["goldfish", "tench"], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(out.images, expected)
