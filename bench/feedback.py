@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, interleaved_times, median, write_result  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    interleaved_times,
+    median,
+    percentile_interval,
+    stratified_bootstrap,
+    write_result,
+)
 
 from steerkit.guidance import ClassifierFreeGuidance, DynamicGuidance, GradientFreeClassifierGuidance  # noqa: E402
 from steerkit.zoo import load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline  # noqa: E402
@@ -38,20 +45,36 @@ class Judge:
         self.evaluator = load_fashion_classifier(device, "fashion-evaluator")
         self.test_features = classify(self.classifier, load_fashion_mnist("test")[0])[1]
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, dict]:
+        """The row's metrics, and the per-sample data that paired intervals need."""
         log_probs, features = classify(self.classifier, images)
         evaluator_log_probs, _ = classify(self.evaluator, images)
-        return {"accuracy": float((log_probs.argmax(1) == labels).float().mean()),
-                "frechet": frechet_distance(features, self.test_features),
-                "evaluator_log_prob": float(evaluator_log_probs.gather(1, labels[:, None]).mean())}
+        correct = (log_probs.argmax(1) == labels).float()
+        metrics = {"accuracy": float(correct.mean()), "frechet": frechet_distance(features, self.test_features),
+                   "evaluator_log_prob": float(evaluator_log_probs.gather(1, labels[:, None]).mean())}
+        return metrics, {"correct": correct, "features": features}
+
+    def paired(self, a: dict, b: dict, labels: torch.Tensor, repeats: int) -> dict:
+        """a − b in accuracy (points) and in Fréchet distance (%), with 95% paired-bootstrap intervals
+        (the rows share their seeds, so each draw takes the same samples from both)."""
+        draws = stratified_bootstrap(labels, repeats)
+        accuracy = [100 * float(a["correct"][d].mean() - b["correct"][d].mean()) for d in draws]
+        frechet = [100 * (frechet_distance(a["features"][d], self.test_features)
+                          / frechet_distance(b["features"][d], self.test_features) - 1) for d in draws]
+        return {"accuracy_gap_points": 100 * float(a["correct"].mean() - b["correct"].mean()),
+                "accuracy_gap_points_ci": percentile_interval(accuracy),
+                "frechet_gap_percent": 100 * (frechet_distance(a["features"], self.test_features)
+                                              / frechet_distance(b["features"], self.test_features) - 1),
+                "frechet_gap_percent_ci": percentile_interval(frechet)}
 
 
-def sample(pipe, guidance, labels: torch.Tensor, steps: int, batch: int) -> tuple[torch.Tensor, int, float]:
-    """Samples in [-1, 1] (sample i always seeded with i), total NFEs and wall time."""
+def sample(pipe, guidance, labels: torch.Tensor, steps: int, batch: int,
+           seed_offset: int = 0) -> tuple[torch.Tensor, int, float]:
+    """Samples in [-1, 1] (sample i always seeded with seed_offset + i), total NFEs and wall time."""
     images, nfe, started = [], 0, time.perf_counter()
     for start in range(0, len(labels), batch):
         chunk = labels[start:start + batch].tolist()
-        generators = [torch.Generator(pipe.device).manual_seed(start + i) for i in range(len(chunk))]
+        generators = [torch.Generator(pipe.device).manual_seed(seed_offset + start + i) for i in range(len(chunk))]
         out = pipe(class_labels=chunk, num_inference_steps=steps, guidance=guidance, output_type="latent",
                    generator=generators)
         images.append(out.images.float().clamp(-1, 1).cpu())
@@ -59,28 +82,42 @@ def sample(pipe, guidance, labels: torch.Tensor, steps: int, batch: int) -> tupl
     return torch.cat(images), nfe, time.perf_counter() - started
 
 
-def run_row(pipe, judge, name: str, guidance, labels, steps: int, batch: int) -> dict:
-    images, nfe, seconds = sample(pipe, guidance, labels, steps, batch)
-    row = {"method": name, "steps": steps, "nfe_per_sample": nfe / len(labels), "seconds": round(seconds, 1),
-           **judge(images, labels)}
+def run_row(pipe, judge, name: str, guidance, labels, steps: int, batch: int, seed_offset: int = 0,
+            per_sample: dict | None = None) -> dict:
+    images, nfe, seconds = sample(pipe, guidance, labels, steps, batch, seed_offset)
+    metrics, data = judge(images, labels)
+    row = {"method": name, "steps": steps, "nfe_per_sample": nfe / len(labels), "seconds": round(seconds, 1), **metrics}
+    if per_sample is not None:
+        per_sample[name] = data
     print(json.dumps(row), flush=True)
     return row
 
 
-def gfcg_part(pipe, judge, labels, args) -> list[dict]:
-    rows = []
+def gfcg_part(pipe, judge, labels, args) -> tuple[list[dict], list[dict]]:
+    rows, comparisons, data = [], [], {}
+    window = "" if args.gfcg_window == (0.0, 1.0) else f", window {args.gfcg_window[0]:g}–{args.gfcg_window[1]:g}"
     for scale in args.cfg_scales:
-        gfcg = GradientFreeClassifierGuidance(base=scale, scale=args.gfcg_scale, rule=args.gfcg_rule)
-        steered = run_row(pipe, judge, f"GFCG ω≤{args.gfcg_scale:g} + CFG {scale:g}", gfcg, labels, args.steps, args.batch)
-        plain = run_row(pipe, judge, f"CFG {scale:g}", ClassifierFreeGuidance(scale), labels, args.steps, args.batch)
-        per_step = plain["nfe_per_sample"] / args.steps
+        gfcg = GradientFreeClassifierGuidance(base=scale, scale=args.gfcg_scale, rule=args.gfcg_rule,
+                                              window=args.gfcg_window)
+        common = dict(steps=args.steps, batch=args.batch, seed_offset=args.seed_offset, per_sample=data)
+        steered = run_row(pipe, judge, f"GFCG ω≤{args.gfcg_scale:g}{window} + CFG {scale:g}", gfcg, labels, **common)
+        cfg = ClassifierFreeGuidance(scale)
+        scale_rows = [steered]
+        if args.equal_steps_row:
+            scale_rows.append(run_row(pipe, judge, f"CFG {scale:g}", cfg, labels, **common))
+        per_step = 2 if cfg.needs_uncond else 1  # CFG's NFEs per sample per step
         matched_steps = max(args.steps, round(steered["nfe_per_sample"] / per_step))
-        matched = run_row(pipe, judge, f"CFG {scale:g}, NFE-matched", ClassifierFreeGuidance(scale), labels,
-                          matched_steps, args.batch)
-        for row in (steered, plain, matched):
+        matched = run_row(pipe, judge, f"CFG {scale:g}, NFE-matched", cfg, labels, **{**common, "steps": matched_steps})
+        scale_rows.append(matched)
+        for row in scale_rows:
             row["cfg_scale"] = scale
-        rows += [plain, matched, steered]
-    return rows
+        rows += scale_rows[1:] + [steered]
+        if args.bootstrap:
+            gap = {"cfg_scale": scale, "versus": matched["method"],
+                   **judge.paired(data[steered["method"]], data[matched["method"]], labels, args.bootstrap)}
+            comparisons.append(gap)
+            print(json.dumps(gap), flush=True)
+    return rows, comparisons
 
 
 def dynamic_part(pipe, judge, labels, args) -> tuple[list[dict], dict]:
@@ -128,6 +165,13 @@ def main(argv=None):
     parser.add_argument("--cfg-scales", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--gfcg-scale", type=float, default=2.0)
     parser.add_argument("--gfcg-rule", default="confusion")
+    parser.add_argument("--gfcg-window", type=lambda s: tuple(float(v) for v in s.split(",")), default=(0.0, 1.0),
+                        help="START,END fractions of the trajectory where GFCG is active")
+    parser.add_argument("--no-equal-steps-row", dest="equal_steps_row", action="store_false",
+                        help="skip CFG at GFCG's step count (the targets compare with the NFE-matched row)")
+    parser.add_argument("--seed-offset", type=int, default=0, help="sample i is seeded with SEED_OFFSET + i")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="paired-bootstrap draws for the GFCG − NFE-matched CFG intervals (0: none)")
     parser.add_argument("--sweep", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--timing-batch", type=int, default=50)
     parser.add_argument("--timing-repeats", type=int, default=3)
@@ -142,7 +186,9 @@ def main(argv=None):
     result = {"environment": environment(), "device": args.device, "num_samples": args.num_samples,
               "steps": args.steps, "model": "fashion-flow (FlowMatchEuler)"}
     if args.part in ("gfcg", "all"):
-        result["gfcg"] = {"gfcg_scale": args.gfcg_scale, "rule": args.gfcg_rule, "rows": gfcg_part(pipe, judge, labels, args)}
+        rows, comparisons = gfcg_part(pipe, judge, labels, args)
+        result["gfcg"] = {"gfcg_scale": args.gfcg_scale, "rule": args.gfcg_rule, "window": args.gfcg_window,
+                          "seed_offset": args.seed_offset, "rows": rows, "versus_nfe_matched_cfg": comparisons}
         write_result(_name("gfcg", args), result["gfcg"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
     if args.part == "overhead":
         overhead = evaluator_overhead(pipe, labels, args)
