@@ -63,6 +63,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction_pair(text: str, flag: str) -> tuple[float, float]:
+    """``"START,END"`` → two floats; their range is checked by whatever takes the window."""
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} expects START,END fractions of the trajectory, e.g. 0.2,1; got {text!r}") from None
+    return start, end
+
+
 def _scale_list(text: str) -> list[float]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values:
@@ -124,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "with scale up to SCALE, on top of --guidance")
     gen.add_argument("--gfcg-rule", choices=["confusion", "margin", "constant"], default="confusion",
                      help="how the GFCG scale follows the classifier's probabilities")
+    gen.add_argument("--gfcg-window", default="0,1", metavar="START,END",
+                     help="fractions of the trajectory where GFCG is active (default 0,1; 0.2,1 skips the first, "
+                          "blurry x̂0, which helped Fréchet at CFG 2)")
     gen.add_argument("--gfcg-classifier", default="classifier:evaluator",
                      help="GFCG classifier: a registry reward (zero-shot rewards such as clip work too)")
     gen.add_argument("--gfcg-labels", default=None,
@@ -284,7 +296,8 @@ def _feedback_guidance(args, guidance, default_scale: float, is_class_conditiona
             elif not is_class_conditional:
                 raise CliError("--gfcg on a text model needs --gfcg-labels (the classes the classifier chooses among)")
             guidance = GradientFreeClassifierGuidance(base=base, classifier=args.gfcg_classifier, scale=args.gfcg,
-                                                      rule=args.gfcg_rule, labels=labels, template=args.gfcg_template)
+                                                      rule=args.gfcg_rule, labels=labels, template=args.gfcg_template,
+                                                      window=_fraction_pair(args.gfcg_window, "--gfcg-window"))
     except (ValueError, TypeError) as error:
         raise CliError(str(error)) from None
     if args.evaluator and args.dynamic_cfg is None:

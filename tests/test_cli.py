@@ -164,10 +164,19 @@ def test_gfcg_and_dynamic_cfg_from_the_command_line(tmp_path, capsys):
     steps = record["diagnostics"]["steps"]
     assert steps[0]["nfe"] == {"cond": 2, "uncond": 2} and steps[1]["nfe"] == {"cond": 2, "uncond": 2, "reference": 2}
     assert all(scale in (1.5, 1.0, 2.0, 3.0) for step in steps for scale in step["guidance_scale"])
+    # A later window: no reference branch before 60% of the trajectory (steps 0 and 1 of 4).
+    late = tmp_path / "late"
+    code, _, stderr = run(["generate", "Sneaker", "--steps", "4", "--guidance", "1.5", "--gfcg", "2", "--gfcg-window",
+                           "0.6,1", "--gfcg-rule", "constant", "--out", late], capsys)
+    assert code == 0, stderr
+    steps = json.loads((late / "run.json").read_text())["diagnostics"]["steps"]
+    assert ["reference" in step["nfe"] for step in steps] == [False, False, True, True]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--gfcg", "2"], "does not match the model's classes"),
+    (["--gfcg", "2", "--gfcg-window", "0.5"], "--gfcg-window expects START,END"),
+    (["--gfcg", "2", "--gfcg-window", "0.5,0.2"], "0 ≤ start < end ≤ 1"),
     (["--dynamic-cfg", "1,x"], "expected a number, got 'x'"),
     (["--dynamic-cfg", "1,-2"], "finite number ≥ 0"),
     (["--evaluator", "brightness"], "--evaluator only applies with --dynamic-cfg"),
