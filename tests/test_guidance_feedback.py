@@ -129,7 +129,7 @@ def test_gfcg_on_the_bundled_model_raises_accuracy():
 
     plain, _ = accuracy(ClassifierFreeGuidance(1.0))
     steered, out = accuracy(GradientFreeClassifierGuidance(base=1.0, scale=3.0))
-    assert steered >= plain + 0.05, (plain, steered)  # measured 0.80 → 0.97 with this seed
+    assert steered >= plain + 0.05, (plain, steered)  # measured 0.93 → 1.00 with this seed
     reference_nfe = total_nfe(out, "reference")
     assert 0 < reference_nfe < 9 * len(labels)  # confident rows skip the reference branch
 
