@@ -31,14 +31,16 @@ from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
 REWARDS = {"classifier": ("classifier:fashion", 10.0), "brightness": ("brightness", 100.0)}
 
 
-def diversity(features: torch.Tensor, labels: torch.Tensor, draw: torch.Tensor | None = None) -> float:
+def diversity(features: torch.Tensor, labels: torch.Tensor, draw: torch.Tensor | None = None,
+              distances: torch.Tensor | None = None) -> float:
     """Mean pairwise feature distance within a class, averaged over classes.
 
     ``draw`` (bootstrap indices) restricts the pairs to those of the draw, leaving out pairs of a
-    sample with a copy of itself, which would otherwise pull the distance toward 0.
+    sample with a copy of itself, which would otherwise pull the distance toward 0. ``distances``
+    (``cdist(features, features)``) can be passed once for many draws.
     """
     draw = torch.arange(len(labels)) if draw is None else draw
-    distances = torch.cdist(features, features)
+    distances = torch.cdist(features, features) if distances is None else distances
     values = []
     for c in labels.unique():
         members = draw[labels[draw] == c]
@@ -52,7 +54,8 @@ def paired_comparison(a: dict, b: dict, labels: torch.Tensor, repeats: int) -> d
     """Differences a − b in mean reward and in diversity (%), with 95% paired-bootstrap intervals."""
     draws = stratified_bootstrap(labels, repeats)
     reward_gaps = [float(a["rewards"][d].mean() - b["rewards"][d].mean()) for d in draws]
-    diversity_gaps = [100 * (diversity(a["features"], labels, d) / diversity(b["features"], labels, d) - 1)
+    dist_a, dist_b = torch.cdist(a["features"], a["features"]), torch.cdist(b["features"], b["features"])
+    diversity_gaps = [100 * (diversity(a["features"], labels, d, dist_a) / diversity(b["features"], labels, d, dist_b) - 1)
                       for d in draws]
     return {"reward_gap": float(a["rewards"].mean() - b["rewards"].mean()),
             "reward_gap_ci": percentile_interval(reward_gaps),
