@@ -36,21 +36,25 @@ from common import (  # noqa: E402
 
 from steerkit.guidance import ClassifierFreeGuidance, DynamicGuidance, GradientFreeClassifierGuidance  # noqa: E402
 from steerkit.zoo import load_fashion_classifier, load_fashion_mnist, load_fashion_pipeline  # noqa: E402
-from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
+from steerkit.zoo.metrics import classify, frechet_distance_between, gaussian_statistics  # noqa: E402
 
 
 class Judge:
     def __init__(self, device: str):
         self.classifier = load_fashion_classifier(device)
         self.evaluator = load_fashion_classifier(device, "fashion-evaluator")
-        self.test_features = classify(self.classifier, load_fashion_mnist("test")[0])[1]
+        # The test set's statistics, computed once for every distance (and bootstrap draw) measured to it.
+        self.test_statistics = gaussian_statistics(classify(self.classifier, load_fashion_mnist("test")[0])[1])
+
+    def frechet(self, features: torch.Tensor) -> float:
+        return frechet_distance_between(gaussian_statistics(features), self.test_statistics)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, dict]:
         """The row's metrics, and the per-sample data that paired intervals need."""
         log_probs, features = classify(self.classifier, images)
         evaluator_log_probs, _ = classify(self.evaluator, images)
         correct = (log_probs.argmax(1) == labels).float()
-        metrics = {"accuracy": float(correct.mean()), "frechet": frechet_distance(features, self.test_features),
+        metrics = {"accuracy": float(correct.mean()), "frechet": self.frechet(features),
                    "evaluator_log_prob": float(evaluator_log_probs.gather(1, labels[:, None]).mean())}
         return metrics, {"correct": correct, "features": features}
 
@@ -59,12 +63,10 @@ class Judge:
         (the rows share their seeds, so each draw takes the same samples from both)."""
         draws = stratified_bootstrap(labels, repeats)
         accuracy = [100 * float(a["correct"][d].mean() - b["correct"][d].mean()) for d in draws]
-        frechet = [100 * (frechet_distance(a["features"][d], self.test_features)
-                          / frechet_distance(b["features"][d], self.test_features) - 1) for d in draws]
+        frechet = [100 * (self.frechet(a["features"][d]) / self.frechet(b["features"][d]) - 1) for d in draws]
         return {"accuracy_gap_points": 100 * float(a["correct"].mean() - b["correct"].mean()),
                 "accuracy_gap_points_ci": percentile_interval(accuracy),
-                "frechet_gap_percent": 100 * (frechet_distance(a["features"], self.test_features)
-                                              / frechet_distance(b["features"], self.test_features) - 1),
+                "frechet_gap_percent": 100 * (self.frechet(a["features"]) / self.frechet(b["features"]) - 1),
                 "frechet_gap_percent_ci": percentile_interval(frechet)}
 
 

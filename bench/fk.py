@@ -59,7 +59,8 @@ def paired_comparison(a: dict, b: dict, labels: torch.Tensor, repeats: int) -> d
                       for d in draws]
     return {"reward_gap": float(a["rewards"].mean() - b["rewards"].mean()),
             "reward_gap_ci": percentile_interval(reward_gaps),
-            "diversity_gap_percent": 100 * (diversity(a["features"], labels) / diversity(b["features"], labels) - 1),
+            "diversity_gap_percent": 100 * (diversity(a["features"], labels, distances=dist_a)
+                                            / diversity(b["features"], labels, distances=dist_b) - 1),
             "diversity_gap_percent_ci": percentile_interval(diversity_gaps)}
 
 

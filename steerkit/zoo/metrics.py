@@ -11,15 +11,25 @@ def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 
 
+def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) of a feature set ``[N, D]``: what a Fréchet distance needs of
+    it. Compute them once for a reference set that many distances are measured to."""
+    x = features.double()
+    return x.mean(0), torch.cov(x.T).reshape(x.shape[1], x.shape[1])
+
+
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (as FID does).
 
     ``‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)``, with the symmetric form of the cross term so
     that only symmetric PSD square roots are needed.
     """
-    a, b = features_a.double(), features_b.double()
-    mean_a, mean_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    return frechet_distance_between(gaussian_statistics(features_a), gaussian_statistics(features_b))
+
+
+def frechet_distance_between(stats_a: tuple[torch.Tensor, torch.Tensor], stats_b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """:func:`frechet_distance` from :func:`gaussian_statistics` of the two sets."""
+    (mean_a, cov_a), (mean_b, cov_b) = stats_a, stats_b
     root_a = _sqrtm_psd(cov_a)
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)
     value = (mean_a - mean_b).pow(2).sum() + torch.trace(cov_a + cov_b - 2 * cross)
