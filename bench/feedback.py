@@ -8,7 +8,8 @@ Same seeds for every row; samples balanced over the ten classes.
   steps so that its NFEs match GFCG's (GFCG's reference branch costs NFEs).
 - ``dynamic``: a sweep of constant scales vs dynamic CFG (candidates = the sweep, prior = the
   sweep's best Fréchet scale is *not* used, so the method cannot peek: prior 2), at equal NFEs;
-  plus the evaluator's overhead as a fraction of sampling time (interleaved timing, same batch).
+  plus the evaluator's overhead as a fraction of sampling time (interleaved timing, same batch,
+  and the scoring's share within each dynamic run).
 
     python bench/feedback.py --num-samples 300 --steps 20          # CPU: ~40 min on 2 cores
     python bench/feedback.py --device cuda --num-samples 2000
@@ -97,10 +98,10 @@ def run_row(pipe, judge, name: str, guidance, labels, steps: int, batch: int, se
 
 def gfcg_part(pipe, judge, labels, args) -> tuple[list[dict], list[dict]]:
     rows, comparisons, data = [], [], {}
-    window = "" if args.gfcg_window == (0.0, 1.0) else f", window {args.gfcg_window[0]:g}–{args.gfcg_window[1]:g}"
+    window = f", window {args.gfcg_window[0]:g}–{args.gfcg_window[1]:g}, min fraction {args.gfcg_min_fraction:g}"
     for scale in args.cfg_scales:
         gfcg = GradientFreeClassifierGuidance(base=scale, scale=args.gfcg_scale, rule=args.gfcg_rule,
-                                              window=args.gfcg_window)
+                                              window=args.gfcg_window, min_fraction=args.gfcg_min_fraction)
         common = dict(steps=args.steps, batch=args.batch, seed_offset=args.seed_offset, per_sample=data)
         steered = run_row(pipe, judge, f"GFCG ω≤{args.gfcg_scale:g}{window} + CFG {scale:g}", gfcg, labels, **common)
         cfg = ClassifierFreeGuidance(scale)
@@ -135,19 +136,51 @@ def dynamic_part(pipe, judge, labels, args) -> tuple[list[dict], dict]:
     return rows, evaluator_overhead(pipe, labels, args)
 
 
+class _ClockedDynamicGuidance(DynamicGuidance):
+    """Dynamic CFG that clocks its ``combine``: the candidates, their x̂0, the decode and the
+    evaluators, which is all the work it does beyond CFG's (whose combine is one multiply-add)."""
+
+    seconds = 0.0
+
+    def combine(self, *args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            return super().combine(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - started
+
+
 def evaluator_overhead(pipe, labels, args) -> dict:
-    """Dynamic CFG vs constant CFG, same batch, same NFEs, interleaved: the evaluators' share of the time."""
+    """The evaluators' cost as a fraction of sampling time, measured two ways on the same batch.
+
+    - ``fraction``: dynamic CFG vs constant CFG at equal NFEs, calls interleaved, medians;
+    - ``fraction_in_run``: within each dynamic run, the time in its candidate scoring over the rest
+      of the run (the same run's denoiser steps): immune to load that drifts between runs.
+    """
     timing_labels = labels[: args.timing_batch].tolist()
+    dynamic = _ClockedDynamicGuidance("classifier:evaluator", candidates=args.sweep, prior=2.0)
+    scoring: list[float] = []
 
     def call(guidance):
         return lambda: pipe(class_labels=timing_labels, num_inference_steps=args.steps, guidance=guidance,
                             output_type="latent", generator=torch.Generator().manual_seed(0))
 
-    times = interleaved_times({"cfg": call(ClassifierFreeGuidance(2.0)),
-                               "dynamic": call(DynamicGuidance("classifier:evaluator", candidates=args.sweep, prior=2.0))},
+    def clocked_dynamic():
+        dynamic.seconds = 0.0
+        call(dynamic)()
+        scoring.append(dynamic.seconds)
+
+    times = interleaved_times({"cfg": call(ClassifierFreeGuidance(2.0)), "dynamic": clocked_dynamic},
                               repeats=args.timing_repeats, warmup=1)
+    scoring = scoring[-args.timing_repeats:]  # the warm-up run is not timed
+    in_run = [s / (total - s) for s, total in zip(scoring, times["dynamic"])]
     overhead = {"batch": len(timing_labels), "cfg_s": median(times["cfg"]), "dynamic_s": median(times["dynamic"]),
-                "fraction": median(times["dynamic"]) / median(times["cfg"]) - 1, "times": times}
+                "fraction": median(times["dynamic"]) / median(times["cfg"]) - 1, "times": times,
+                "scoring_s": scoring, "fraction_in_run": median(in_run), "fractions_in_run": in_run}
     print(json.dumps({"overhead": overhead}), flush=True)
     return overhead
 
@@ -167,7 +200,9 @@ def main(argv=None):
     parser.add_argument("--cfg-scales", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--gfcg-scale", type=float, default=2.0)
     parser.add_argument("--gfcg-rule", default="confusion")
-    parser.add_argument("--gfcg-window", type=lambda s: tuple(float(v) for v in s.split(",")), default=(0.0, 1.0),
+    parser.add_argument("--gfcg-min-fraction", type=float, default=0.25,
+                        help="rows whose ω is below this fraction of the GFCG scale skip the reference branch")
+    parser.add_argument("--gfcg-window", type=lambda s: tuple(float(v) for v in s.split(",")), default=(0.2, 1.0),
                         help="START,END fractions of the trajectory where GFCG is active")
     parser.add_argument("--no-equal-steps-row", dest="equal_steps_row", action="store_false",
                         help="skip CFG at GFCG's step count (the targets compare with the NFE-matched row)")
@@ -190,6 +225,7 @@ def main(argv=None):
     if args.part in ("gfcg", "all"):
         rows, comparisons = gfcg_part(pipe, judge, labels, args)
         result["gfcg"] = {"gfcg_scale": args.gfcg_scale, "rule": args.gfcg_rule, "window": args.gfcg_window,
+                          "min_fraction": args.gfcg_min_fraction,
                           "seed_offset": args.seed_offset, "rows": rows, "versus_nfe_matched_cfg": comparisons}
         write_result(_name("gfcg", args), result["gfcg"] | {"common": {k: v for k, v in result.items() if k not in ("gfcg", "dynamic")}}, args.out)
     if args.part == "overhead":

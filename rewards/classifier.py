@@ -35,13 +35,16 @@ class ClassifierReward(ModelReward):
         follow_device: move the model to the images' device on first use. The registry sets it
             for the models it loads itself; a model you pass stays where you put it (images are
             moved to it instead).
+        channels_last: hand the model channels-last images (for a model whose weights are
+            channels-last, such as :meth:`FashionClassifier.fused_for_inference`).
     """
 
     name = "classifier"
     batch_size = 512
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], input_range: tuple[float, float] = (-1.0, 1.0),
-                 resolution: int | None = None, channels: int | None = None, follow_device: bool = False):
+                 resolution: int | None = None, channels: int | None = None, follow_device: bool = False,
+                 channels_last: bool = False):
         self.class_names = [str(name) for name in class_names]
         if not self.class_names:
             raise ValueError("classifier reward: class_names is empty")
@@ -58,6 +61,7 @@ class ClassifierReward(ModelReward):
         self.resolution = resolution
         self.channels = channels
         self.follow_device = follow_device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def class_ids(self, prompts: Sequence[object]) -> torch.Tensor:
         """Class ids ``[B]`` of the prompts (names, ids, or digit strings)."""
@@ -97,7 +101,7 @@ class ClassifierReward(ModelReward):
                 x = x.mean(dim=1, keepdim=True)
             elif self.channels == 3 and x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            logits = self.model(x * (self.high - self.low) + self.low)
+            logits = self.model((x * (self.high - self.low) + self.low).contiguous(memory_format=self.memory_format))
             if logits.ndim != 2 or logits.shape != (x.shape[0], len(self.class_names)):
                 raise ValueError(f"classifier reward: the model returned shape {tuple(logits.shape)}; expected "
                                  f"({x.shape[0]}, {len(self.class_names)}) logits, one per class name")
@@ -133,6 +137,8 @@ def load_classifier_reward(spec: str = "fashion", device: str | torch.device = "
                 f"'classifier:fashion' is the bundled one): {str(error).splitlines()[0]}"
             ) from None
         model = model.to(device).eval()
-    # Trained on 32×32 Fashion-MNIST (28×28 padded) in [-1, 1].
-    return ClassifierReward(model, model.class_names, input_range=(-1.0, 1.0), resolution=32, channels=1,
-                            follow_device=True)
+    # Trained on 32×32 Fashion-MNIST (28×28 padded) in [-1, 1]. A reward only ever runs the model
+    # in inference mode, so it gets the fused, channels-last copy: same scores to ~1e-6, about
+    # half the time (dynamic CFG scores every candidate scale at every step with it).
+    return ClassifierReward(model.fused_for_inference(), model.class_names, input_range=(-1.0, 1.0), resolution=32,
+                            channels=1, follow_device=True, channels_last=True)

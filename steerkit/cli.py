@@ -133,9 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "with scale up to SCALE, on top of --guidance")
     gen.add_argument("--gfcg-rule", choices=["confusion", "margin", "constant"], default="confusion",
                      help="how the GFCG scale follows the classifier's probabilities")
-    gen.add_argument("--gfcg-window", default="0,1", metavar="START,END",
-                     help="fractions of the trajectory where GFCG is active (default 0,1; 0.2,1 skips the first, "
-                          "blurry x̂0, which helped Fréchet at CFG 2)")
+    gen.add_argument("--gfcg-window", default="0.2,1", metavar="START,END",
+                     help="fractions of the trajectory where GFCG is active (default 0.2,1: the first, blurry "
+                          "x̂0 are skipped; 0,1: every step)")
+    gen.add_argument("--gfcg-min-fraction", type=float, default=0.25, metavar="FRACTION",
+                     help="samples whose GFCG scale is below FRACTION·SCALE (a classifier that is not confused) "
+                          "get no push and no reference NFE (default 0.25)")
     gen.add_argument("--gfcg-classifier", default="classifier:evaluator",
                      help="GFCG classifier: a registry reward (zero-shot rewards such as clip work too)")
     gen.add_argument("--gfcg-labels", default=None,
@@ -297,7 +300,8 @@ def _feedback_guidance(args, guidance, default_scale: float, is_class_conditiona
                 raise CliError("--gfcg on a text model needs --gfcg-labels (the classes the classifier chooses among)")
             guidance = GradientFreeClassifierGuidance(base=base, classifier=args.gfcg_classifier, scale=args.gfcg,
                                                       rule=args.gfcg_rule, labels=labels, template=args.gfcg_template,
-                                                      window=_fraction_pair(args.gfcg_window, "--gfcg-window"))
+                                                      window=_fraction_pair(args.gfcg_window, "--gfcg-window"),
+                                                      min_fraction=args.gfcg_min_fraction)
     except (ValueError, TypeError) as error:
         raise CliError(str(error)) from None
     if args.evaluator and args.dynamic_cfg is None:

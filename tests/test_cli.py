@@ -160,6 +160,7 @@ def test_gfcg_and_dynamic_cfg_from_the_command_line(tmp_path, capsys):
     assert code == 0, stderr
     record = json.loads((out / "run.json").read_text())
     assert "GradientFreeClassifierGuidance" in record["resolved"]["guidance"]
+    assert "min_fraction=0.25, window=(0.2, 1.0)" in record["resolved"]["guidance"]  # the defaults
     assert "DynamicGuidance" in record["resolved"]["guidance"]
     steps = record["diagnostics"]["steps"]
     assert steps[0]["nfe"] == {"cond": 2, "uncond": 2} and steps[1]["nfe"] == {"cond": 2, "uncond": 2, "reference": 2}
@@ -177,6 +178,7 @@ def test_gfcg_and_dynamic_cfg_from_the_command_line(tmp_path, capsys):
     (["--gfcg", "2"], "does not match the model's classes"),
     (["--gfcg", "2", "--gfcg-window", "0.5"], "--gfcg-window expects START,END"),
     (["--gfcg", "2", "--gfcg-window", "0.5,0.2"], "0 ≤ start < end ≤ 1"),
+    (["--gfcg", "2", "--gfcg-min-fraction", "1.5"], "min_fraction must be in [0, 1)"),
     (["--dynamic-cfg", "1,x"], "expected a number, got 'x'"),
     (["--dynamic-cfg", "1,-2"], "finite number ≥ 0"),
     (["--evaluator", "brightness"], "--evaluator only applies with --dynamic-cfg"),

@@ -93,12 +93,15 @@ def test_gfcg_rules_and_skipped_rows():
 
     log_probs = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.98, 0.01, 0.01]]))
     expected = {
-        "confusion": [2 * 0.2 / 0.9, 2 * 0.6 / 0.9, 0.0],  # the last: 2·0.01/0.99 < 0.05·2, skipped
-        "margin": [2 * 0.3, 2 * 0.7, 0.0],
-        "constant": [2.0, 2.0, 2.0],
+        ("confusion", 0.05): [2 * 0.2 / 0.9, 2 * 0.6 / 0.9, 0.0],  # the last: 2·0.01/0.99 < 0.05·2, skipped
+        ("margin", 0.05): [2 * 0.3, 2 * 0.7, 0.0],
+        ("constant", 0.05): [2.0, 2.0, 2.0],
+        # The default threshold, 0.25: a reference share of 0.2/0.9 = 0.22 is not confused enough.
+        ("confusion", None): [0.0, 2 * 0.6 / 0.9, 0.0],
     }
-    for rule, omegas in expected.items():
-        guidance = GradientFreeClassifierGuidance(scale=2.0, rule=rule, min_fraction=0.05)
+    for (rule, min_fraction), omegas in expected.items():
+        options = {} if min_fraction is None else {"min_fraction": min_fraction}
+        guidance = GradientFreeClassifierGuidance(scale=2.0, rule=rule, **options)
         guidance._log_probs = lambda images: log_probs
         guidance.adapter = type("A", (), {"decode": staticmethod(lambda x: x)})()
         state = ParticleState(torch.zeros(3, 1, 2, 2), num_prompts=3, num_particles=1)
@@ -113,14 +116,15 @@ def test_gfcg_rules_and_skipped_rows():
 
 
 def test_gfcg_on_the_bundled_model_raises_accuracy():
-    """The bundled flow model at CFG 1, 24 samples: GFCG with the bundled *evaluator* classifier,
-    judged by the bundled *benchmark* classifier (held out from guidance)."""
+    """The bundled flow model at CFG 1, 60 samples, 10 steps: GFCG (default window and threshold) with
+    the bundled *evaluator* classifier, judged by the bundled *benchmark* classifier (held out from
+    guidance)."""
     from steerkit.zoo import load_fashion_classifier, load_fashion_pipeline
 
     flow = load_fashion_pipeline("fashion-flow")
     flow.set_progress_bar_config(disable=True)
     judge = load_fashion_classifier()
-    labels = list(range(10)) * 3
+    labels = list(range(10)) * 6
 
     def accuracy(guidance):
         out = flow(class_labels=labels, num_inference_steps=10, guidance=guidance, output_type="latent",
@@ -128,8 +132,8 @@ def test_gfcg_on_the_bundled_model_raises_accuracy():
         return (judge(out.images.clamp(-1, 1)).argmax(1) == torch.tensor(labels)).float().mean().item(), out
 
     plain, _ = accuracy(ClassifierFreeGuidance(1.0))
-    steered, out = accuracy(GradientFreeClassifierGuidance(base=1.0, scale=3.0))
-    assert steered >= plain + 0.05, (plain, steered)  # measured 0.93 → 1.00 with this seed
+    steered, out = accuracy(GradientFreeClassifierGuidance(base=1.0, scale=2.0))
+    assert steered >= plain + 0.05, (plain, steered)  # measured 0.90 → 0.967 with this seed
     reference_nfe = total_nfe(out, "reference")
     assert 0 < reference_nfe < 9 * len(labels)  # confident rows skip the reference branch
 
@@ -165,7 +169,7 @@ def test_gfcg_bad_arguments(kwargs, message):
 
 def test_gfcg_current_mode_classifies_this_step_and_runs_a_second_call(pipe):
     out = run(pipe, GradientFreeClassifierGuidance(base=2.0, classifier=next_class_classifier(), scale=1.0,
-                                                   rule="constant", reference="current"))
+                                                   rule="constant", reference="current", window=(0, 1)))
     # Already at the first step, and in a second model call.
     assert out.steering.steps[0].nfe == {"cond": 4, "uncond": 4, "reference": 4}
     assert out.steering.steps[0].model_calls == 2

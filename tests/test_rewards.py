@@ -55,3 +55,24 @@ def test_classifier_reward_is_the_target_log_probability():
     torch.testing.assert_close(reward.score(images, ["dog", 2, "CAT"]), expected.detach())
     with pytest.raises(ValueError, match="'horse' is not one of its classes"):
         reward.score(images[:1], ["horse"])
+
+
+def test_registry_classifier_is_fused_and_scores_like_the_original(tmp_path):
+    from steerkit.zoo import load_fashion_classifier
+
+    original = load_fashion_classifier(name="fashion-evaluator")
+    fused = original.fused_for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())  # the original is untouched
+    images = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = torch.log_softmax(original(images * 2 - 1), dim=1)
+        direct = torch.log_softmax(fused((images * 2 - 1).contiguous(memory_format=torch.channels_last)), dim=1)
+    torch.testing.assert_close(direct, expected, atol=1e-4, rtol=0)
+    reward = get_reward("classifier:evaluator")
+    assert reward.model is not original and reward.memory_format == torch.channels_last
+    torch.testing.assert_close(reward.class_log_probs(images), expected, atol=1e-4, rtol=0)
+    assert torch.equal(reward.class_log_probs(images).argmax(1), expected.argmax(1))
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        fused.save_pretrained(tmp_path / "fused")
+    original.save_pretrained(tmp_path / "original")  # the original still saves

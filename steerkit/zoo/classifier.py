@@ -7,6 +7,8 @@ its penultimate-layer features. Input: ``[B, 1, 32, 32]`` in [-1, 1], the genera
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -48,3 +50,29 @@ class FashionClassifier(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for images in [-1, 1]."""
         return self.head(self.drop(self.features(x)))
+
+    def fused_for_inference(self) -> FashionClassifier:
+        """A copy for inference only: every BatchNorm folded into its convolution, weights channels-last.
+
+        Same outputs up to float rounding (about 1e-6 in the logits). On a CPU it takes about half
+        the time of the original on a batch of 200 (the folded BatchNorm is one memory pass less
+        per block, and channels-last convolutions and max-pooling are the faster kernels), which is
+        what dynamic CFG pays for scoring every candidate at every step. Feed it channels-last
+        inputs. The copy cannot be saved: its BatchNorms are gone, so it no longer matches its config.
+        """
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        model = copy.deepcopy(self).eval()
+        layers = list(model.body)
+        for i in range(1, len(layers)):
+            if isinstance(layers[i], nn.BatchNorm2d) and isinstance(layers[i - 1], nn.Conv2d):
+                layers[i - 1], layers[i] = fuse_conv_bn_eval(layers[i - 1], layers[i]), nn.Identity()
+        model.body = nn.Sequential(*layers)
+        model._fused_for_inference = True
+        return model.to(memory_format=torch.channels_last)
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "_fused_for_inference", False):
+            raise RuntimeError("this FashionClassifier was fused for inference (its BatchNorms are folded into the "
+                               "convolutions) and no longer matches its config; save the original model instead")
+        return super().save_pretrained(*args, **kwargs)
