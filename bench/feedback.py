@@ -98,12 +98,12 @@ def run_row(pipe, judge, name: str, guidance, labels, steps: int, batch: int, se
 
 def gfcg_part(pipe, judge, labels, args) -> tuple[list[dict], list[dict]]:
     rows, comparisons, data = [], [], {}
-    window = f", window {args.gfcg_window[0]:g}–{args.gfcg_window[1]:g}, min fraction {args.gfcg_min_fraction:g}"
+    settings = f", window {args.gfcg_window[0]:g}–{args.gfcg_window[1]:g}, min fraction {args.gfcg_min_fraction:g}"
     for scale in args.cfg_scales:
         gfcg = GradientFreeClassifierGuidance(base=scale, scale=args.gfcg_scale, rule=args.gfcg_rule,
                                               window=args.gfcg_window, min_fraction=args.gfcg_min_fraction)
         common = dict(steps=args.steps, batch=args.batch, seed_offset=args.seed_offset, per_sample=data)
-        steered = run_row(pipe, judge, f"GFCG ω≤{args.gfcg_scale:g}{window} + CFG {scale:g}", gfcg, labels, **common)
+        steered = run_row(pipe, judge, f"GFCG ω≤{args.gfcg_scale:g}{settings} + CFG {scale:g}", gfcg, labels, **common)
         cfg = ClassifierFreeGuidance(scale)
         scale_rows = [steered]
         if args.equal_steps_row:
