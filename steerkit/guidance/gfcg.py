@@ -29,20 +29,19 @@ a secondary summary. The paper's exact ω_t formula and active interval could no
 
 Rows whose ``ω`` falls below ``min_fraction · scale`` skip the reference branch (no NFE).
 
-Defaults: ``min_fraction=0.25`` and ``window=(0.2, 1)`` are ours, chosen on the bundled
-fashion-flow model (bench/RESULTS.md, "GFCG: act only on confused samples, from 20%"). The
-threshold means a sample is pushed only while the reference class holds at least a quarter of the
-two-class confusion (``p_ref / (p_c + p_ref) ≥ 0.25`` with rule ``"confusion"``): the many small
-pushes on samples that are already clearly ``c`` add extrapolation, as a larger CFG scale would,
-and cost distribution coverage without changing the class. The window skips the first 20% of the trajectory: the
-classifier's view of the first, blurry x̂0 says little about the final class, yet a push there
-moves the whole sample, and, as for CFG itself (Kynkäänniemi et al., 2024), guidance at the
-highest noise costs diversity. Against CFG alone at matched NFEs, on 300 samples and seeds not used
-to choose them, this raised accuracy at CFG 1, 1.5 and 2 (at CFG 3: tied on 300, 0.997 vs 0.995 on 1000)
-with a Fréchet distance at most 2% worse than CFG's (26% and 19% better at CFG 1 and 1.5); the
-earlier defaults (every step, ``min_fraction=0.05``) cost 9% Fréchet at CFG 3. With 10 steps it
-kept the accuracy gain at 20% fewer NFEs. ``min_fraction=0.05, window=(0, 1)`` gives the earlier
-behaviour.
+Defaults: ``min_fraction=0.25`` and ``window=(0.2, 1)`` are ours, chosen on the bundled fashion-flow
+model (bench/RESULTS.md, "GFCG: act only on confused samples, from 20%"). The threshold means a
+sample is pushed only while the reference class holds at least a quarter of the two-class confusion
+(``p_ref / (p_c + p_ref) ≥ 0.25`` with rule ``"confusion"``): the many small pushes on samples that
+are already clearly ``c`` add extrapolation, as a larger CFG scale would, and cost distribution
+coverage without changing the class. The window skips the first 20% of the trajectory: the
+classifier's view of the first, blurry x̂0 says little about the final class, yet a push there moves
+the whole sample, and, as for CFG itself (Kynkäänniemi et al., 2024), guidance at the highest noise
+costs diversity. Against CFG alone at matched NFEs, on 300 samples and seeds not used to choose
+them, this raised accuracy at CFG 1, 1.5 and 2 (at CFG 3: tied on 300, 0.997 vs 0.995 on 1000) with
+a Fréchet distance at most 2% worse than CFG's (26% and 19% better at CFG 1 and 1.5); the earlier
+defaults (every step, ``min_fraction=0.05``) cost 9% Fréchet at CFG 3. With 10 steps it kept the
+accuracy gain at 20% fewer NFEs. ``min_fraction=0.05, window=(0, 1)`` gives the earlier behaviour.
 
 When the classifier looks. ``reference="previous"`` (default) chooses this step's reference from
 the previous step's final x̂0, so the reference branch joins the step's single batched model call.
