@@ -73,7 +73,9 @@ def main(argv=None):
     parser.add_argument("--rewards", default="classifier,brightness", help=f"comma list of {sorted(REWARDS)}")
     parser.add_argument("--methods", default="best-of-k,fk-max,fk-difference",
                         help="comma list: best-of-k, fk-max, fk-difference, fk-difference-ess (adaptive "
-                             "resampling when ESS < 0.5·k, at the same scoring steps)")
+                             "resampling when ESS < τ·k, at the same scoring steps; fk-difference-ess:0.9 sets τ)")
+    parser.add_argument("--ess-threshold", type=float, default=0.5, help="τ of fk-difference-ess")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-sampling row")
     parser.add_argument("--resample-at", default=None,
                         help="FK scoring steps as fractions of the trajectory, e.g. 0.6,0.7,0.8,0.9 "
                              "(default: FKSteering's 20/40/60/80%%)")
@@ -125,16 +127,22 @@ def main(argv=None):
         "fk-difference": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
                                                         resample_at=at),
         "fk-difference-ess": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
-                                                            ess_threshold=0.5, resample_at=at),
+                                                            ess_threshold=args.ess_threshold, resample_at=at),
     }
     chosen = args.methods.split(",")
+    for name in chosen:
+        if name.startswith("fk-difference-ess:"):
+            tau = float(name.split(":", 1)[1])
+            methods[name] = lambda spec, lmbda, tau=tau: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
+                                                                   ess_threshold=tau, resample_at=at)
     unknown = [m for m in chosen + args.rewards.split(",") if m not in methods and m not in REWARDS]
     if unknown:
         parser.error(f"unknown methods or rewards: {unknown}")
     for reward_name in args.rewards.split(","):
         spec, lmbda = REWARDS[reward_name]
         lmbda = lmbda if args.lmbda is None else args.lmbda
-        run("plain", reward_name, 1, [])
+        if not args.no_plain:
+            run("plain", reward_name, 1, [])
         for k in [int(v) for v in args.ks.split(",")]:
             for method in chosen:
                 run(method, reward_name, k, [methods[method](spec, lmbda)])

@@ -72,6 +72,21 @@ def _fraction_pair(text: str, flag: str) -> tuple[float, float]:
     return start, end
 
 
+def _step_list(text: str) -> list[int | float]:
+    """``"0.6,0.7,0.8"`` (fractions of the trajectory) or ``"12,14,16"`` (0-based steps); FK checks the range."""
+    values: list[int | float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(int(part))
+        except ValueError:
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected a comma list of steps or fractions of the trajectory, e.g. 0.6,0.7,0.8; got {text!r}") from None
+    return values
+
+
 def _scale_list(text: str) -> list[float]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values:
@@ -115,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reward", default=None,
                      help="reward for fk / best-of-n (default for the bundled models: classifier:fashion)")
     gen.add_argument("--lmbda", type=_non_negative_float, default=10.0, help="FK temperature λ (tilt exp(λ·reward))")
+    gen.add_argument("--potential", default="difference", help="FK potential: difference, max, sum or immediate")
+    gen.add_argument("--resample-at", type=_step_list, default=None, metavar="STEPS",
+                     help="FK scoring steps: fractions of the trajectory (0.6,0.7,0.8) or 0-based steps "
+                          "(default: 20/40/60/80%%; score late for a classifier reward)")
+    gen.add_argument("--ess-threshold", type=float, default=None, metavar="TAU",
+                     help="FK resamples a prompt at a scoring step only when its ESS < TAU·particles "
+                          "(default: at every scoring step)")
     gen.add_argument("--steps", type=_positive_int, default=20, help="denoising steps")
     gen.add_argument("--guidance", type=_guidance_spec, default=None,
                      help="CFG scale (diffusers convention, 1 = off) or a schedule: linear:1->7.5, cosine:1->7.5, "
@@ -279,7 +301,13 @@ def _hooks_for(args, is_class_conditional: bool) -> tuple[list[Any], str | None]
     from steerkit.smc import BestOfN, FKSteering
 
     if args.method == "fk":
-        return [FKSteering(reward=reward, lmbda=args.lmbda, seed=args.seed)], reward
+        try:
+            fk = FKSteering(reward=reward, lmbda=args.lmbda, potential=args.potential, resample_at=args.resample_at,
+                            ess_threshold=args.ess_threshold, seed=args.seed)
+            fk.scoring_steps(args.steps)  # steps outside the trajectory: fail before sampling
+        except ValueError as error:
+            raise CliError(str(error)) from None
+        return [fk], reward
     return [BestOfN(reward=reward)], reward
 
 

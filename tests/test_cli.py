@@ -40,6 +40,18 @@ def test_guidance_schedules_and_adaptive_guidance_from_the_command_line(tiny_mod
     assert steps[0]["nfe"] == {"cond": 1}  # the linear ramp starts at scale 1: no unconditional pass
 
 
+def test_fk_schedule_potential_and_ess_gate_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run(["generate", "class0", "--model", tiny_model_dir, "--steps", "5", "--method", "fk",
+                           "--particles", "3", "--reward", "brightness", "--lmbda", "1e6", "--potential", "max",
+                           "--resample-at", "0.4,3", "--ess-threshold", "0.9", "--out", out], capsys)
+    assert code == 0, stderr
+    fk = json.loads((out / "run.json").read_text())["diagnostics"]["extras"]["fk"]
+    assert (fk["potential"], fk["scoring_steps"], fk["ess_threshold"]) == ("max", [2, 3], 0.9)
+    # λ = 1e6 makes any brightness gap decisive (ESS ≈ 1 < 0.9·3), so both scoring steps resample.
+    assert fk["resampled_steps"] == [2, 3]
+
+
 def test_existing_outputs_are_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["generate", "class1", "--model", tiny_model_dir, "--steps", "2", "--out", out]
@@ -63,6 +75,11 @@ def test_existing_outputs_are_never_overwritten_silently(tiny_model_dir, tmp_pat
         (["--particles", "-1"], "positive integer"),
         (["--method", "magic"], "invalid choice"),
         (["--scheduler", "flow-euler"], "does not fit"),
+        (["--method", "fk", "--reward", "brightness", "--resample-at", "0.5,later"], "comma list of steps or fractions"),
+        (["--method", "fk", "--reward", "brightness", "--resample-at", "1.5"], "fractions in (0, 1)"),
+        (["--method", "fk", "--reward", "brightness", "--resample-at", "25"], "outside the trajectory"),
+        (["--method", "fk", "--reward", "brightness", "--ess-threshold", "2"], "ess_threshold must be"),
+        (["--method", "fk", "--reward", "brightness", "--potential", "mean"], "unknown potential"),
     ],
 )
 def test_bad_numbers_and_choices_are_one_line_errors(tiny_model_dir, tmp_path, capsys, extra, message):
