@@ -136,15 +136,18 @@ class FKSteering(_RewardHook):
         lmbda: λ ≥ 0, the tilt ``exp(λ·r)``. It is relative to the reward's scale: λ times the
             spread of rewards across particles of a few units resamples decisively; λ = 0 is plain
             sampling.
-        potential: ``"difference"`` (default: in bench/fk it beat best-of-k at every k for both
-            rewards, where ``"max"`` did not), ``"max"``, ``"sum"`` or ``"immediate"``
+        potential: ``"difference"`` (default: in bench/fk's 500-prompt GPU table it beat best-of-k
+            at every k for both rewards, where ``"max"`` did not), ``"max"``, ``"sum"`` or ``"immediate"``
             (see :mod:`~steerkit.smc.potentials`).
         resampler: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"``, ``"residual"``,
             or a callable ``(log_weights [P, K], generator) -> local ancestors [P, K]``.
         resample_at: the scoring steps (0-based loop indices). A list of step indices, a list of
             fractions of the trajectory in (0, 1) (fraction ``f`` is step ``⌊f·N⌋`` of ``N``), a
             ``range``, or a tuple ``(start, stop, every)`` meaning ``start, start+every, …`` up to
-            and *including* ``stop``. Default: 20%, 40%, 60% and 80% of the steps. An empty list
+            and *including* ``stop``. Default: 20%, 40%, 60% and 80% of the steps, for rewards an
+            early x̂0 already shows. For rewards that need a nearly clean image (a classifier),
+            ``[0.6, 0.7, 0.8]`` with ``ess_threshold=0.75`` beat best-of-k in bench/fk where the
+            default did not (``bench/fk_signal.py`` shows which case a reward is). An empty list
             never scores (plain sampling, then selection on the final reward).
         ess_threshold: ``None`` (default) resamples at every scoring step. A value τ ∈ (0, 1]
             resamples a prompt at a scoring step only when its ESS < τ·K, and otherwise carries its
