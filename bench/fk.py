@@ -132,7 +132,10 @@ def main(argv=None):
     chosen = args.methods.split(",")
     for name in chosen:
         if name.startswith("fk-difference-ess:"):
-            tau = float(name.split(":", 1)[1])
+            try:
+                tau = float(name.split(":", 1)[1])
+            except ValueError:
+                parser.error(f"{name}: expected fk-difference-ess:TAU with a number TAU in (0, 1]")
             methods[name] = lambda spec, lmbda, tau=tau: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
                                                                    ess_threshold=tau, resample_at=at)
     unknown = [m for m in chosen + args.rewards.split(",") if m not in methods and m not in REWARDS]
