@@ -31,6 +31,21 @@ from steerkit.zoo.metrics import classify, frechet_distance  # noqa: E402
 REWARDS = {"classifier": ("classifier:fashion", 10.0), "brightness": ("brightness", 100.0)}
 
 
+def stochastic_fashion_flow(device: str):
+    """The bundled fashion-flow pipeline with stochastic FlowMatchEuler steps (FK needs them), quiet."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = load_fashion_pipeline("fashion-flow", device=device)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def particle_generators(device: str, seed_offset: int, k: int, rows: int) -> list[torch.Generator]:
+    """One generator per particle row; every method at a given k (and bench/fk_signal) sees the same seeds."""
+    return [torch.Generator(device).manual_seed(seed_offset + 1000 * k + r) for r in range(rows)]
+
+
 def diversity(features: torch.Tensor, labels: torch.Tensor, draw: torch.Tensor | None = None,
               distances: torch.Tensor | None = None) -> float:
     """Mean pairwise feature distance within a class, averaged over classes.
@@ -88,11 +103,7 @@ def main(argv=None):
     parser.add_argument("--name", default=None, help="result file name (default fk_DEVICE)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe = load_fashion_pipeline("fashion-flow", device=args.device)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stochastic_fashion_flow(args.device)
     classifier = load_fashion_classifier(args.device)
     test_features = classify(classifier, load_fashion_mnist("test")[0])[1]
     labels = [FASHION_CLASSES[i % 10] for i in range(args.prompts)]
@@ -102,7 +113,7 @@ def main(argv=None):
 
     def run(method, reward_name, k, hooks):
         rows_total = args.prompts * k
-        generators = [torch.Generator(args.device).manual_seed(args.seed_offset + 1000 * k + r) for r in range(rows_total)]
+        generators = particle_generators(args.device, args.seed_offset, k, rows_total)
         started = time.perf_counter()
         out = pipe(class_labels=labels, num_particles=k, num_inference_steps=args.steps, guidance_scale=1.0,
                    hooks=hooks, generator=generators, output_type="latent")
@@ -126,9 +137,13 @@ def main(argv=None):
         "fk-max": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="max", resample_at=at),
         "fk-difference": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
                                                         resample_at=at),
-        "fk-difference-ess": lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
-                                                            ess_threshold=args.ess_threshold, resample_at=at),
     }
+
+    def gated(tau: float):
+        return lambda spec, lmbda: FKSteering(reward=spec, lmbda=lmbda, potential="difference", ess_threshold=tau,
+                                              resample_at=at)
+
+    methods["fk-difference-ess"] = gated(args.ess_threshold)
     chosen = args.methods.split(",")
     for name in chosen:
         if name.startswith("fk-difference-ess:"):
@@ -136,8 +151,7 @@ def main(argv=None):
                 tau = float(name.split(":", 1)[1])
             except ValueError:
                 parser.error(f"{name}: expected fk-difference-ess:TAU with a number TAU in (0, 1]")
-            methods[name] = lambda spec, lmbda, tau=tau: FKSteering(reward=spec, lmbda=lmbda, potential="difference",
-                                                                   ess_threshold=tau, resample_at=at)
+            methods[name] = gated(tau)
     unknown = [m for m in chosen + args.rewards.split(",") if m not in methods and m not in REWARDS]
     if unknown:
         parser.error(f"unknown methods or rewards: {unknown}")

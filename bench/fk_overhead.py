@@ -2,7 +2,8 @@
 
 fashion-flow, stochastic FlowMatchEuler, CFG 1, k particles per class, the bundled classifier as
 reward. FK scores and resamples at 20/40/60/80% of the steps (4 reward calls + 1 final), and in
-its late, gated form at 60/70/80% (3 + 1); best-of-k scores once at the end. Calls are interleaved so that load drift hits both equally.
+its late, gated form at 60/70/80% (3 + 1); best-of-k scores once at the end. Calls are
+interleaved so that load drift hits all three equally.
 
     python bench/fk_overhead.py [--device cpu|cuda] [--k 8] [--repeats 3]
 """
@@ -17,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, interleaved_times, median, write_result  # noqa: E402
+from fk import stochastic_fashion_flow  # noqa: E402
 
 from steerkit.smc import BestOfN, FKSteering  # noqa: E402
-from steerkit.zoo import load_fashion_pipeline  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -31,11 +32,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe = load_fashion_pipeline("fashion-flow", device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    pipe = stochastic_fashion_flow(args.device)
     labels = [i % 10 for i in range(args.prompts)]
 
     def call(hook):

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, write_result  # noqa: E402
-from fk import REWARDS  # noqa: E402
+from fk import REWARDS, particle_generators, stochastic_fashion_flow  # noqa: E402
 
 from steerkit.smc import FKSteering  # noqa: E402
-from steerkit.zoo import FASHION_CLASSES, load_fashion_pipeline  # noqa: E402
+from steerkit.zoo import FASHION_CLASSES  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -39,11 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe = load_fashion_pipeline("fashion-flow", device=args.device)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stochastic_fashion_flow(args.device)
     k = 2
     labels = [FASHION_CLASSES[i % 10] for i in range(args.prompts)]
     result = {"benchmark": "fk_signal", "environment": environment(), "settings": vars(args), "rewards": {}}
@@ -51,8 +47,7 @@ def main(argv=None) -> dict:
         if reward_name not in REWARDS:
             parser.error(f"unknown reward {reward_name!r}; valid: {sorted(REWARDS)}")
         # The seeds of bench/fk's k = 2 rows, so the two benchmarks look at the same particles.
-        generators = [torch.Generator(args.device).manual_seed(args.seed_offset + 1000 * k + r)
-                      for r in range(args.prompts * k)]
+        generators = particle_generators(args.device, args.seed_offset, k, args.prompts * k)
         hook = FKSteering(reward=REWARDS[reward_name][0], lmbda=0.0, ess_threshold=0.5,
                           resample_at=list(range(1, args.steps)))
         out = pipe(class_labels=labels, num_particles=k, num_inference_steps=args.steps, guidance_scale=1.0,
