@@ -7,6 +7,9 @@ bundled classifier's log-probability of the target class; (b) brightness (mean p
 model does not optimise by itself. Reported: mean final reward of the returned image, class accuracy,
 diversity (mean pairwise distance of classifier features within a class), Fréchet distance to the
 test set, and wall time (FK's reward and resampling overhead is relative to best-of-k, same NFEs).
+Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
+places each FK row on best-of-m's reward–diversity curve (m = 1..N), i.e. compares FK's diversity
+with what best-of-k keeps at FK's own mean reward.
 
     python bench/fk.py --device cuda --prompts 500
 """
@@ -79,6 +82,65 @@ def paired_comparison(a: dict, b: dict, labels: torch.Tensor, repeats: int) -> d
             "diversity_gap_percent_ci": percentile_interval(diversity_gaps)}
 
 
+def best_of_m_frontier(pool: dict, labels: torch.Tensor, draw: torch.Tensor | None = None,
+                       distances: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
+    """Mean reward and diversity of best-of-m for m = 1..N, from one pool of N particles per prompt.
+
+    Best-of-m keeps, per prompt, the highest-reward particle among the pool's first m. The subsets
+    are nested, so mean reward never decreases with m: the points trace best-of-k's reward–diversity
+    trade-off, on which another method's (reward, diversity) can be placed. ``draw`` restricts to a
+    bootstrap draw of prompts; ``distances`` is ``cdist`` of the pool's flattened features.
+    """
+    rewards, features = pool["rewards"], pool["features"]  # [P, N], [P*N, D] (row p*N + j)
+    draw = torch.arange(len(labels)) if draw is None else draw
+    n = rewards.shape[1]
+    distances = torch.cdist(features, features) if distances is None else distances
+    mean_rewards, diversities = [], []
+    for m in range(1, n + 1):
+        chosen = rewards[:, :m].argmax(dim=1)
+        rows = torch.arange(rewards.shape[0]) * n + chosen
+        mean_rewards.append(float(rewards[draw, chosen[draw]].mean()))
+        diversities.append(diversity(features[rows], labels, draw, distances[rows][:, rows]))
+    return mean_rewards, diversities
+
+
+def frontier_comparison(a: dict, pool: dict, labels: torch.Tensor, repeats: int) -> dict:
+    """a's diversity against best-of-m's at a's own mean reward (linear between adjacent m), in %.
+
+    Negative: a loses more diversity than best-of-k would to reach the same reward. ``None`` (and a
+    count of such bootstrap draws) when a's reward is beyond the pool's best-of-N.
+    """
+    dist_a = torch.cdist(a["features"], a["features"])
+    dist_pool = torch.cdist(pool["features"], pool["features"])
+
+    def gap(draw):
+        frontier_rewards, frontier_diversities = best_of_m_frontier(pool, labels, draw, dist_pool)
+        reward = float(a["rewards"][draw].mean())
+        if not frontier_rewards[0] <= reward <= frontier_rewards[-1]:
+            return None, None
+        matched = _interpolate(reward, frontier_rewards, frontier_diversities)
+        m = _interpolate(reward, frontier_rewards, list(range(1, len(frontier_rewards) + 1)))
+        return 100 * (diversity(a["features"], labels, draw, dist_a) / matched - 1), m
+
+    everything = torch.arange(len(labels))
+    point, matched_m = gap(everything)
+    draws = [gap(d)[0] for d in stratified_bootstrap(labels, repeats)]
+    inside = [v for v in draws if v is not None]
+    return {"diversity_gap_at_equal_reward_percent": point, "equivalent_best_of_m": matched_m,
+            "diversity_gap_at_equal_reward_percent_ci": percentile_interval(inside) if inside else None,
+            "draws_beyond_frontier": len(draws) - len(inside)}
+
+
+def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through increasing xs (ties: the first)."""
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            span = xs[i] - xs[i - 1]
+            t = 0.0 if span <= 0 else (x - xs[i - 1]) / span
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +153,9 @@ def main(argv=None):
                              "resampling when ESS < τ·k, at the same scoring steps; fk-difference-ess:0.9 sets τ)")
     parser.add_argument("--ess-threshold", type=float, default=0.5, help="τ of fk-difference-ess")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-sampling row")
+    parser.add_argument("--frontier", type=int, default=0, metavar="N",
+                        help="also sample a pool of N particles per prompt and compare each FK row's diversity "
+                             "with best-of-m's at FK's own mean reward (m = 1..N; N above the largest k)")
     parser.add_argument("--resample-at", default=None,
                         help="FK scoring steps as fractions of the trajectory, e.g. 0.6,0.7,0.8,0.9 "
                              "(default: FKSteering's 20/40/60/80%%)")
@@ -131,6 +196,24 @@ def main(argv=None):
         per_image[reward_name, method, k] = {"rewards": reward.float().cpu(), "features": features}
         print(json.dumps(row), flush=True)
 
+    pools = {}  # reward → the frontier's pool: rewards [P, N] and features [P*N, D] of every particle
+
+    def sample_pool(reward_name, n):
+        from steerkit.rewards import get_reward
+
+        generators = particle_generators(args.device, args.seed_offset + 7_000_000, n, args.prompts * n)
+        started = time.perf_counter()
+        out = pipe(class_labels=labels, num_particles=n, num_inference_steps=args.steps, guidance_scale=1.0,
+                   hooks=[BestOfN(reward=REWARDS[reward_name][0], select="all")], generator=generators,
+                   output_type="latent")
+        images = out.images.float().clamp(-1, 1)
+        _, features = classify(classifier, images)
+        pool_labels = [labels[row // n] for row in range(len(images))]
+        reward = get_reward(REWARDS[reward_name][0]).score((images.to(args.device) + 1) / 2, pool_labels)
+        print(json.dumps({"reward": reward_name, "pool": n, "nfe": out.steering.total_nfe,
+                          "seconds": round(time.perf_counter() - started, 2)}), flush=True)
+        return {"rewards": reward.float().cpu().view(args.prompts, n), "features": features}
+
     at = None if args.resample_at is None else [float(v) for v in args.resample_at.split(",")]
     methods = {
         "best-of-k": lambda spec, lmbda: BestOfN(reward=spec),
@@ -152,6 +235,8 @@ def main(argv=None):
             except ValueError:
                 parser.error(f"{name}: expected fk-difference-ess:TAU with a number TAU in (0, 1]")
             methods[name] = gated(tau)
+    if args.frontier == 1 or args.frontier < 0:
+        parser.error(f"--frontier needs N ≥ 2 particles per prompt (0: off), got {args.frontier}")
     unknown = [m for m in chosen + args.rewards.split(",") if m not in methods and m not in REWARDS]
     if unknown:
         parser.error(f"unknown methods or rewards: {unknown}")
@@ -163,29 +248,51 @@ def main(argv=None):
         for k in [int(v) for v in args.ks.split(",")]:
             for method in chosen:
                 run(method, reward_name, k, [methods[method](spec, lmbda)])
+        if args.frontier:
+            pools[reward_name] = sample_pool(reward_name, args.frontier)
     comparisons = []
     for (reward_name, method, k), data in per_image.items():
         baseline = per_image.get((reward_name, "best-of-k", k))
-        if args.bootstrap and method.startswith("fk") and baseline is not None:
-            gap = {"reward": reward_name, "method": method, "k": k,
-                   **paired_comparison(data, baseline, label_ids, args.bootstrap)}
-            comparisons.append(gap)
-            print(json.dumps(gap), flush=True)
+        if not (args.bootstrap and method.startswith("fk") and (baseline is not None or reward_name in pools)):
+            continue
+        gap = {"reward": reward_name, "method": method, "k": k}
+        if baseline is not None:
+            gap.update(paired_comparison(data, baseline, label_ids, args.bootstrap))
+        if reward_name in pools:
+            gap.update(frontier_comparison(data, pools[reward_name], label_ids, args.bootstrap))
+        comparisons.append(gap)
+        print(json.dumps(gap), flush=True)
+    frontiers = {name: dict(zip(("mean_reward", "diversity"), best_of_m_frontier(pool, label_ids)))
+                 for name, pool in pools.items()}
     result = {"benchmark": "fk", "environment": environment(), "settings": vars(args),
               "lambda": {k: v[1] if args.lmbda is None else args.lmbda for k, v in REWARDS.items()}, "rows": rows,
-              "versus_best_of_k": comparisons}
+              "versus_best_of_k": comparisons, "best_of_m_frontier": frontiers}
     write_result(args.name or f"fk_{args.device}", result, args.out)
     lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['reward']} | {r['method']} | {r['k']} | {r['mean_reward']:.4f} | {r['accuracy']:.3f} | "
                      f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} |")
-    if comparisons:
+    paired = [c for c in comparisons if "reward_gap" in c]
+    if paired:
         lines += ["", "| reward | method | k | Δ mean reward vs best-of-k [95% CI] | Δ diversity vs best-of-k [95% CI] |",
                   "|---|---|---|---|---|"]
-        for c in comparisons:
+        for c in paired:
             (rl, rh), (dl, dh) = c["reward_gap_ci"], c["diversity_gap_percent_ci"]
             lines.append(f"| {c['reward']} | {c['method']} | {c['k']} | {c['reward_gap']:+.4f} [{rl:+.4f}, {rh:+.4f}] | "
                          f"{c['diversity_gap_percent']:+.1f}% [{dl:+.1f}, {dh:+.1f}] |")
+    framed = [c for c in comparisons if "diversity_gap_at_equal_reward_percent" in c]
+    if framed:
+        lines += ["", "| reward | method | k | equal-reward best-of-m | Δ diversity vs best-of-m at equal reward [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for c in framed:
+            point, interval = c["diversity_gap_at_equal_reward_percent"], c["diversity_gap_at_equal_reward_percent_ci"]
+            if point is None:
+                lines.append(f"| {c['reward']} | {c['method']} | {c['k']} | beyond best-of-{args.frontier} | – |")
+                continue
+            ci = "–" if interval is None else f"[{interval[0]:+.1f}, {interval[1]:+.1f}]"
+            beyond = f" ({c['draws_beyond_frontier']} draws beyond)" if c["draws_beyond_frontier"] else ""
+            lines.append(f"| {c['reward']} | {c['method']} | {c['k']} | m = {c['equivalent_best_of_m']:.2f} | "
+                         f"{point:+.1f}% {ci}{beyond} |")
     print("\n".join(lines))
 
 
