@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts per pipeline call (default: all of a process's prompts in one call); the unit "
                           "of resuming and of sharding across processes. Fix it to get the same bytes on any "
                           "number of processes")
+    gen.add_argument("--shard-particles", action="store_true",
+                     help="under accelerate launch / torchrun with --method fk: split every prompt's particles "
+                          "over the processes (each runs every call with particles/processes of them; FK "
+                          "resamples across all) instead of dealing prompts to processes")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--out", type=Path, default=Path("steerkit-out"), help="output directory")
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
@@ -292,18 +296,19 @@ def pipe_default_scale(pipe) -> float:
     return inspect.signature(_stock_class(type(pipe)).__call__).parameters["guidance_scale"].default
 
 
-def _hooks_for(args, is_class_conditional: bool) -> tuple[list[Any], str | None]:
+def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any], str | None]:
     if args.method == "none":
         return [], None
     reward = args.reward or ("classifier:fashion" if is_class_conditional else None)
     if reward is None:
         raise CliError(f"--method {args.method} needs --reward for this model")
-    from steerkit.smc import BestOfN, FKSteering
+    from steerkit.smc import BestOfN, FKSteering, ShardedFKSteering
 
     if args.method == "fk":
+        options = dict(reward=reward, lmbda=args.lmbda, potential=args.potential, resample_at=args.resample_at,
+                       ess_threshold=args.ess_threshold, seed=args.seed)
         try:
-            fk = FKSteering(reward=reward, lmbda=args.lmbda, potential=args.potential, resample_at=args.resample_at,
-                            ess_threshold=args.ess_threshold, seed=args.seed)
+            fk = ShardedFKSteering(**options, group=group) if args.shard_particles else FKSteering(**options)
             fk.scoring_steps(args.steps)  # steps outside the trajectory: fail before sampling
         except ValueError as error:
             raise CliError(str(error)) from None
@@ -356,6 +361,12 @@ def generate_command(args) -> dict[str, Any]:
     if group.world_size > 1 and args.device in (None, "cuda"):
         device = str(group.device)  # each process on its own GPU
     particles = args.particles if args.method != "none" else 1
+    if args.shard_particles and args.method != "fk":
+        raise CliError("--shard-particles splits FK's particles over the processes; it needs --method fk")
+    if args.shard_particles and particles % group.world_size:
+        raise CliError(f"--shard-particles: --particles {particles} does not split over {group.world_size} "
+                       f"processes; give a multiple of {group.world_size}")
+    local_particles = particles // group.world_size if args.shard_particles else particles
     started = time.perf_counter()
     from diffusers.utils import logging as diffusers_logging
 
@@ -368,8 +379,16 @@ def generate_command(args) -> dict[str, Any]:
         pipe.get_label_ids(items)  # unknown class names fail here, before any work
     elif not items:
         raise CliError("give at least one prompt (positional or --prompts-file)")
-    hooks, reward = _hooks_for(args, is_class_conditional)
+    if args.shard_particles and not group.is_main:
+        pipe.set_progress_bar_config(disable=True)  # every process runs the same steps; one bar is enough
+    hooks, reward = _hooks_for(args, is_class_conditional, group)
     scheduler, scheduler_name = _scheduler_for(pipe, args.scheduler, args.method)
+    if args.shard_particles:
+        from steerkit.schedulers import keeps_solver_history
+
+        if keeps_solver_history(scheduler):
+            raise CliError(f"--shard-particles needs a scheduler without solver history (ddpm, ddim, euler, "
+                           f"euler-ancestral, flow-euler*); {type(scheduler).__name__} keeps per-row history")
     pipe.scheduler = scheduler
     labels = [item for item in items for _ in range(args.num_images)]
     names = [f"{i:03d}-{_slug(label)}.png" for i, label in enumerate(labels)]
@@ -379,7 +398,8 @@ def generate_command(args) -> dict[str, Any]:
     fingerprint = {**{k: v for k, v in config.items() if k not in ("out", "overwrite")}, "resolved_items": items}
     run = ShardedGeneration(args.out, items, names, seed=args.seed, images_per_item=args.num_images,
                             particles=particles, items_per_call=args.items_per_call, fingerprint=fingerprint,
-                            overwrite=args.overwrite, group=group)
+                            overwrite=args.overwrite, group=group,
+                            shard="particles" if args.shard_particles else "prompts")
     _check_output_dir(args.out, [], args.overwrite)
     if run.clash:
         raise CliError(run.describe_clash())
@@ -417,6 +437,7 @@ def generate_command(args) -> dict[str, Any]:
             "scheduler_choice": scheduler_name,
             "guidance": repr(guidance) if guidance is not None else call.get("guidance_scale"),
             "particles": particles,
+            "particle_processes": group.world_size if args.shard_particles else 1,
             "reward": reward,
             "device": device,
             "seeds": seeds,
@@ -430,11 +451,20 @@ def generate_command(args) -> dict[str, Any]:
     for chunk in run.my_chunks():
         for hook in hooks:  # resampling draws depend on the chunk, never on the process or earlier chunks
             hook.seed = args.seed + chunk.rows.start
-        output = pipe(**call, **{prompt_key: [items[i] for i in chunk.items]}, generator=chunk.generators(device),
-                      guidance=guidance, hooks=hooks, num_particles=particles, max_batch=args.max_batch)
+        my_rows = None
+        if args.shard_particles:  # this process's particles of every prompt, seeded by their global rows
+            from steerkit.distributed import ParticleShards
+
+            my_rows = ParticleShards(len(chunk.outputs), local_particles, group).global_rows()
+        output = pipe(**call, **{prompt_key: [items[i] for i in chunk.items]},
+                      generator=chunk.generators(device, my_rows), guidance=guidance, hooks=hooks,
+                      num_particles=local_particles, max_batch=args.max_batch)
         trace = output.steering
         nfe += trace.total_nfe
-        run.save(chunk, output.images, selected_rows=trace.extras.get("selected_rows"), diagnostics=trace.to_dict())
+        diagnostics = trace.to_dict()
+        if args.shard_particles:
+            diagnostics = _all_processes_nfe(diagnostics, group, particles)
+        run.save(chunk, output.images, selected_rows=trace.extras.get("selected_rows"), diagnostics=diagnostics)
     record = run.finish({**record, "wall_time_s": time.perf_counter() - started})
     attempt = record["attempts"][-1]
     nfe = sum(group.all_gather_object(nfe))
@@ -443,6 +473,15 @@ def generate_command(args) -> dict[str, Any]:
         print(f"wrote {attempt['images_done']} image(s) and run.json to {args.out}{resumed} — {nfe} NFEs, "
               f"{record['wall_time_s']:.1f} s")
     return record
+
+
+def _all_processes_nfe(diagnostics: dict[str, Any], group, particles: int) -> dict[str, Any]:
+    """One call's diagnostics with the NFEs of every process that shared its particles (each counts its own)."""
+    per_process = group.all_gather_object(diagnostics["nfe"])
+    branches = dict.fromkeys(branch for counts in per_process for branch in counts)  # a process may skip one
+    total = {branch: sum(counts.get(branch, 0) for counts in per_process) for branch in branches}
+    return {**diagnostics, "nfe": total, "total_nfe": sum(total.values()), "nfe_per_process": per_process,
+            "num_particles": particles, "local_particles": diagnostics["num_particles"]}
 
 
 if __name__ == "__main__":

@@ -198,9 +198,14 @@ class Chunk:
     rows: range
     seeds: list[int] = field(default_factory=list)
 
-    def generators(self, device: torch.device | str) -> list[torch.Generator]:
-        """One generator per row, seeded ``seed + global row`` (pass as the pipeline's ``generator``)."""
-        return [torch.Generator(device).manual_seed(seed) for seed in self.seeds]
+    def generators(self, device: torch.device | str, rows: Sequence[int] | None = None) -> list[torch.Generator]:
+        """One generator per row, seeded ``seed + global row`` (pass as the pipeline's ``generator``).
+
+        ``rows``: only these rows of the call (0-based within it), e.g. one process's share of the
+        particles (:meth:`ParticleShards.global_rows`).
+        """
+        seeds = self.seeds if rows is None else [self.seeds[int(row)] for row in rows]
+        return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
 class ShardedGeneration:
@@ -225,6 +230,10 @@ class ShardedGeneration:
             unfinished run with another fingerprint is refused.
         overwrite: start afresh even if ``out`` holds a run.
         group: the processes (default: :func:`process_group`).
+        shard: ``"prompts"`` (default): pending chunks are dealt to the processes round-robin.
+            ``"particles"``: every process takes part in every call, each with its share of every
+            prompt's particles (:class:`~steerkit.smc.ShardedFKSteering`); the images are the same on
+            every process, so only process 0 writes them. ``items_per_call=None`` is then one call.
 
     Attributes:
         resuming: whether ``out`` holds an unfinished run of the same configuration.
@@ -238,7 +247,10 @@ class ShardedGeneration:
     def __init__(self, out: Path, items: Sequence[Any], file_names: Sequence[str], *, seed: int = 0,
                  images_per_item: int = 1, particles: int = 1, items_per_call: int | None = None,
                  fingerprint: dict[str, Any] | None = None, overwrite: bool = False,
-                 group: ProcessGroup | None = None):
+                 group: ProcessGroup | None = None, shard: str = "prompts"):
+        if shard not in ("prompts", "particles"):
+            raise ValueError(f"shard must be 'prompts' or 'particles', got {shard!r}")
+        self.shard = shard
         self.out = Path(out)
         self.items = list(items)
         self.file_names = list(file_names)
@@ -251,8 +263,10 @@ class ShardedGeneration:
         self.group = group or process_group()
         self.started = time.perf_counter()
         self.chunks = []
-        # Unset: one call per process, each with its share of the prompts.
-        per_call = items_per_call or max(1, -(-len(self.items) // self.group.world_size))
+        # Unset: one call per process, each with its share of the prompts (or, sharding particles,
+        # one call that every process takes part in).
+        processes = self.group.world_size if shard == "prompts" else 1
+        per_call = items_per_call or max(1, -(-len(self.items) // processes))
         for index, items_range in enumerate(plan_chunks(len(self.items), per_call)):
             outputs = range(items_range.start * images_per_item, items_range.stop * images_per_item)
             rows = range(outputs.start * particles, outputs.stop * particles)
@@ -306,7 +320,10 @@ class ShardedGeneration:
         self.group.barrier()
 
     def my_chunks(self) -> list[Chunk]:
-        """This process's pending chunks: every ``W``-th pending chunk, starting at its rank."""
+        """This process's pending chunks: every ``W``-th pending chunk, starting at its rank (every
+        pending chunk when sharding particles)."""
+        if self.shard == "particles":
+            return list(self.pending)
         return self.pending[self.group.rank::self.group.world_size]
 
     def save(self, chunk: Chunk, images: Sequence[Any], selected_rows: Sequence[int] | None = None,
@@ -320,9 +337,13 @@ class ShardedGeneration:
                 method picked one particle per image; default: the first particle of each.
             diagnostics: the call's diagnostics (``RunTrace.to_dict()``), kept per chunk.
             extra: more fields for the chunk record.
+
+        Sharding particles, every process calls this with the same images and only process 0 writes.
         """
         if len(images) != len(chunk.outputs):
             raise ValueError(f"chunk {chunk.index} has {len(chunk.outputs)} outputs, got {len(images)} images")
+        if self.shard == "particles" and not self.group.is_main:
+            return
         for output, image in zip(chunk.outputs, images):
             io.atomic_write(self.out / self.file_names[output], lambda tmp, image=image: image.save(tmp, format="PNG"))
         self._saved += 1
@@ -447,6 +468,21 @@ class ParticleShards:
         particle = parents % k
         prompt = torch.arange(p)[None, :, None]
         return (particle // kl).reshape(world, -1), (prompt * kl + particle % kl).reshape(world, -1)
+
+    def plan_copies(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plan that puts global row ``chosen[p]`` in prompt ``p``'s first local slot on every process.
+
+        Every other slot keeps its own row, so only the chosen rows travel (to the processes that
+        do not hold them).
+        """
+        world, p, kl, k = self.group.world_size, self.num_prompts, self.local_particles, self.num_particles
+        source_rank = torch.arange(world)[:, None].expand(world, p * kl).clone()
+        source_row = torch.arange(p * kl).expand(world, p * kl).clone()
+        particle = chosen.to("cpu", torch.int64) % k
+        first = torch.arange(p) * kl
+        source_rank[:, first] = particle // kl
+        source_row[:, first] = first + particle % kl
+        return source_rank, source_row
 
     def exchange(self, rows: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.group.exchange_rows(rows, *plan)

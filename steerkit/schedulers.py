@@ -67,6 +67,18 @@ UNSUPPORTED_FOR_RESAMPLING = {
 }
 
 
+def keeps_solver_history(scheduler: Any) -> bool:
+    """Whether ``scheduler`` keeps per-row state between steps (DPM-Solver's ``model_outputs``, …).
+
+    Unknown schedulers count as keeping history: they may, and a caller that cannot move it must
+    not assume otherwise.
+    """
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in HISTORY_ATTRIBUTES:
+            return bool(HISTORY_ATTRIBUTES[cls.__name__])
+    return True
+
+
 def _family_name(scheduler: Any) -> str:
     """The first diffusers scheduler class in the MRO (subclasses keep their parent's behaviour)."""
     known = FLOW_SCHEDULERS | SIGMA_SCHEDULERS | VP_SIGMA_SCHEDULERS | ALPHA_BAR_SCHEDULERS

@@ -38,8 +38,8 @@ def gmm_fk(hook, prompts: int, particles: int, seed: int, rows: torch.Tensor):
                    hooks=[hook], step_kwargs={"generator": generators}, run=run)
 
 
-def fk_hook(sharded: bool, group: ProcessGroup | None = None):
-    options = dict(reward=value, lmbda=LAMBDA, potential="difference", resample_at=RESAMPLE_AT, select="all")
+def fk_hook(sharded: bool, group: ProcessGroup | None = None, select: str = "all"):
+    options = dict(reward=value, lmbda=LAMBDA, potential="difference", resample_at=RESAMPLE_AT, select=select)
     return ShardedFKSteering(**options, group=group) if sharded else FKSteering(**options)
 
 
@@ -52,10 +52,18 @@ def main(out: str, prompts: int, particles: int, seed: int) -> None:
     hook = fk_hook(sharded=True, group=group)
     state, trace = gmm_fk(hook, prompts, local, seed, ParticleShards(prompts, local, group).global_rows())
     latents = hook.gather_rows(state.latents)
+    # The same run, returning one particle per prompt: every process must return the same ones.
+    chosen = {}
+    for select in ("best", "sample"):
+        picker = fk_hook(sharded=True, group=group, select=select)
+        picked, picked_trace = gmm_fk(picker, prompts, local, seed, ParticleShards(prompts, local, group).global_rows())
+        returned = picked.latents.index_select(0, picker.select(picked))
+        chosen[select] = {"latents": group.all_gather(returned), "selected_rows": picked_trace.extras["selected_rows"],
+                          "selection_bytes": picked_trace.extras["fk"]["sharded"]["selection_bytes"]}
     if group.is_main:
         torch.save({"latents": latents, "final_log_weights": hook.final_log_weights,
                     "fk": trace.extras["fk"], "steps": [step.extras.get("fk") for step in trace.steps],
-                    "world_size": group.world_size}, out)
+                    "world_size": group.world_size, "chosen": chosen}, out)
 
 
 if __name__ == "__main__":

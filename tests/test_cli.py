@@ -80,6 +80,9 @@ def test_existing_outputs_are_never_overwritten_silently(tiny_model_dir, tmp_pat
         (["--method", "fk", "--reward", "brightness", "--resample-at", "25"], "outside the trajectory"),
         (["--method", "fk", "--reward", "brightness", "--ess-threshold", "2"], "ess_threshold must be"),
         (["--method", "fk", "--reward", "brightness", "--potential", "mean"], "unknown potential"),
+        (["--method", "best-of-n", "--reward", "brightness", "--shard-particles"], "it needs --method fk"),
+        (["--method", "fk", "--reward", "brightness", "--shard-particles", "--scheduler", "dpm++"],
+         "DPMSolverMultistepScheduler keeps per-row history"),
     ],
 )
 def test_bad_numbers_and_choices_are_one_line_errors(tiny_model_dir, tmp_path, capsys, extra, message):

@@ -188,6 +188,39 @@ def test_a_killed_sharded_run_resumes_with_nothing_lost_or_duplicated(one_proces
     assert sorted(p.name for p in out.iterdir()) == sorted([*pngs(one_process_run), "run.json"])
 
 
+def test_two_processes_sharing_particles_write_the_same_images_as_one(one_process_run, tmp_path):
+    out = tmp_path / "particles"
+    result = torchrun(["-m", "steerkit", *GENERATE, "--shard-particles", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pngs(out) == pngs(one_process_run) and len(pngs(out)) == 4
+    sharded, single = (json.loads((d / "run.json").read_text()) for d in (out, one_process_run))
+    assert sharded["status"] == "complete" and sharded["resolved"]["particle_processes"] == 2
+    keys = ("index", "file", "item", "row", "seed", "particle_seeds", "status")
+    assert [[im[k] for k in keys] for im in sharded["images"]] == [[im[k] for k in keys] for im in single["images"]]
+    # Each process ran 1 of the 2 particles of every prompt; the chunk's NFEs are both processes'.
+    chunk = sharded["chunks"][0]["diagnostics"]
+    assert chunk["nfe_per_process"] == [{"cond": 4, "uncond": 4}] * 2 and chunk["nfe"] == {"cond": 8, "uncond": 8}
+    assert sharded["diagnostics"]["nfe"] == single["diagnostics"]["nfe"]
+    assert chunk["extras"]["fk"]["sharded"]["processes"] == 2
+    # Killed while process 0 saves its 2nd chunk, then resumed by one process: nothing lost.
+    killed = tmp_path / "killed"
+    result = torchrun(["-m", "steerkit", *GENERATE, "--shard-particles", "--out", str(killed)], extra_env={KILL_ENV: "2"})
+    assert result.returncode != 0 and json.loads((killed / "run.json").read_text())["status"] == "running"
+    assert main([*GENERATE, "--shard-particles", "--out", str(killed)]) == 0
+    record = json.loads((killed / "run.json").read_text())
+    assert record["status"] == "complete" and [a["images_done"] for a in record["attempts"]] == [1, 3]
+    assert pngs(killed) == pngs(one_process_run)
+
+
+def test_particles_that_do_not_split_over_the_processes_are_refused(monkeypatch, tmp_path, capsys):
+    import steerkit.distributed
+
+    monkeypatch.setattr(steerkit.distributed, "process_group", lambda device=None: ProcessGroup(0, 2))
+    argv = ["generate", "Sneaker", "--method", "fk", "--particles", "3", "--shard-particles", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "--particles 3 does not split over 2 processes; give a multiple of 2" in capsys.readouterr().err
+
+
 # --- sharded particles -----------------------------------------------------------------------------
 
 
@@ -215,9 +248,22 @@ def test_sharded_fk_on_one_process_is_fk():
     assert all(step["exchanged_bytes"] == [0] for step in trace.extras["fk"]["sharded"]["traffic"])
 
 
-def test_sharded_fk_refuses_solver_history_and_best_selection():
-    with pytest.raises(ValueError, match="needs select='all'"):
-        ShardedFKSteering(reward=value, select="best")
+@pytest.mark.parametrize("select", ["best", "sample"])
+def test_sharded_fk_selection_on_one_process_is_fk_selection(select):
+    rows = torch.arange(4 * 16)
+    options = dict(reward=value, lmbda=0.5, resample_at=(10, 90, 10), select=select, seed=7)
+    plain_hook, sharded_hook = FKSteering(**options), ShardedFKSteering(**options, group=ProcessGroup())
+    plain, plain_trace = gmm_fk(plain_hook, 4, 16, 3, rows)
+    state, trace = gmm_fk(sharded_hook, 4, 16, 3, rows)
+    plain_rows = plain_hook.select(plain)
+    # Global rows in the diagnostics; the chosen latent sits in each prompt's first slot.
+    assert trace.extras["selected_rows"] == plain_rows.tolist()
+    assert sharded_hook.select(state).tolist() == [0, 16, 32, 48]
+    assert torch.equal(state.latents.index_select(0, sharded_hook.select(state)), plain.latents.index_select(0, plain_rows))
+    assert plain_rows.tolist() != [0, 16, 32, 48]  # otherwise the test could not tell the two apart
+
+
+def test_sharded_fk_refuses_solver_history():
     hook = ShardedFKSteering(reward=value, select="all", group=ProcessGroup())
     scheduler = DPMSolverMultistepScheduler()
     run = RunContext(ExactGMM(DDPMScheduler()), 1, 2, [None], 10, torch.device("cpu"), scheduler)
@@ -259,3 +305,19 @@ def test_sharded_fk_on_two_processes_equals_one_process_and_the_tilted_target(tm
     assert [step["gathered_bytes"] for step in traffic] == [[5 * 8 * local] * 2] * 9
     assert all(sum(step["exchanged_bytes"]) == 36 * sum(step["rows_received"]) for step in traffic)
     assert sum(sum(step["rows_received"]) for step in traffic) > 0
+    # With select="best" / "sample": every process returns the one-process run's chosen particles,
+    # and only the chosen rows a process does not hold travel (4 bytes each).
+    torch.set_num_threads(1)
+    try:
+        for select in ("best", "sample"):
+            hook = FKSteering(reward=value, lmbda=0.5, potential="difference", resample_at=(10, 90, 10), select=select)
+            state, _ = gmm_fk(hook, prompts, particles, seed, torch.arange(prompts * particles))
+            rows = hook.select(state)
+            chosen = sharded["chosen"][select]
+            assert chosen["selected_rows"] == rows.tolist()
+            expected = state.latents.index_select(0, rows)
+            assert torch.equal(chosen["latents"], torch.stack([expected, expected]))
+            held_by = (rows % particles) // (particles // 2)
+            assert chosen["selection_bytes"] == [4 * int((held_by == rank).sum()) for rank in (0, 1)]
+    finally:
+        torch.set_num_threads(previous)

@@ -20,9 +20,13 @@ result has the same distribution.
 
 Limits. Only schedulers without solver history (DDPM, DDIM, Euler, Euler-ancestral,
 FlowMatchEuler) are supported: their step needs nothing per row but the latents and the
-prediction, which the hook moves. ``select`` must be ``"all"``: every process returns its own
-particles; the final rewards and weights of all ``K`` are in the diagnostics, and
-:meth:`ShardedFKSteering.gather_rows` collects any per-row tensor in the global order.
+prediction, which the hook moves.
+
+Selection. With ``select="all"`` every process returns its own particles; the final rewards and
+weights of all ``K`` are in the diagnostics, and :meth:`ShardedFKSteering.gather_rows` collects any
+per-row tensor in the global order. With ``"best"`` or ``"sample"`` the choice is made on all ``K``
+(the same on every process), the chosen particle's final latent is sent to every process, and every
+process returns the same images, the one-process run's.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 from steerkit.distributed import ParticleShards, ProcessGroup, process_group
 from steerkit.protocols import RunContext
-from steerkit.schedulers import HISTORY_ATTRIBUTES
+from steerkit.schedulers import keeps_solver_history
 from steerkit.state import ParticleState
 
 from . import potentials
@@ -42,13 +46,6 @@ from .fk import FKSteering
 __all__ = ["ShardedFKSteering"]
 
 _FK_STATS = (potentials.LAST, potentials.RUNNING, potentials.ACCUMULATED)
-
-
-def _keeps_solver_history(scheduler: Any) -> bool:
-    for cls in type(scheduler).__mro__:
-        if cls.__name__ in HISTORY_ATTRIBUTES:
-            return bool(HISTORY_ATTRIBUTES[cls.__name__])
-    return True  # unknown: it may keep per-row history, which this hook cannot move
 
 
 class ShardedFKSteering(FKSteering):
@@ -62,18 +59,16 @@ class ShardedFKSteering(FKSteering):
 
     Diagnostics: as FK's, over all ``K`` particles (identical on every process). Each resampling
     step's ``extras["fk"]`` also has ``ancestors`` (the global parent of every global row), and the
-    run's ``extras["fk"]["sharded"]`` has the communication per resampling step.
+    run's ``extras["fk"]["sharded"]`` has the communication per resampling step. With ``"best"`` or
+    ``"sample"``, ``extras["selected_rows"]`` holds the *global* row chosen for each prompt.
     """
 
     def __init__(self, *args: Any, group: ProcessGroup | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.select_mode != "all":
-            raise ValueError(f"ShardedFKSteering needs select='all' (each process returns its own particles), "
-                             f"got {self.select_mode!r}")
         self.group = group
 
     def start(self, run: RunContext, state: ParticleState) -> None:
-        if run.scheduler is None or _keeps_solver_history(run.scheduler):
+        if run.scheduler is None or keeps_solver_history(run.scheduler):
             name = type(run.scheduler).__name__
             raise ValueError(f"ShardedFKSteering supports schedulers without solver history (DDPM, DDIM, Euler, "
                              f"Euler-ancestral, FlowMatchEuler); got {name}")
@@ -148,3 +143,15 @@ class ShardedFKSteering(FKSteering):
                          "exchanged_bytes": [s["exchanged_bytes"] for s in steps]}
                         for steps in zip(*per_process)],
         }
+        self._chosen_slots = None
+        if self.select_mode != "all":
+            chosen = self._selection(view, self.final_rewards, self.final_log_weights)  # global rows, [P]
+            info["selected_rows"] = chosen.tolist()
+            sent = self.group.bytes_sent
+            state.latents = self.shards.exchange(state.latents, self.shards.plan_copies(chosen))
+            info["fk"]["sharded"]["selection_bytes"] = self.group.all_gather_object(self.group.bytes_sent - sent)
+            self._chosen_slots = torch.arange(self.shards.num_prompts) * self.shards.local_particles
+
+    def select(self, state) -> torch.Tensor | None:
+        # finish() put each prompt's chosen particle in the prompt's first local slot, on every process.
+        return None if self.select_mode == "all" else self._chosen_slots
