@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts per pipeline call (default: all of a process's prompts in one call); the unit "
                           "of resuming and of sharding across processes. Fix it to get the same bytes on any "
                           "number of processes")
+    gen.add_argument("--select", choices=["best", "sample", "all"], default="best",
+                     help="fk / best-of-n: which particle(s) of each image to write: the highest final reward, "
+                          "one drawn by FK's final weights (best-of-n: uniformly), or every particle "
+                          "(files NNN-name-pJ.png); run.json records each image's reward (and FK weight)")
     gen.add_argument("--shard-particles", action="store_true",
                      help="under accelerate launch / torchrun with --method fk: split every prompt's particles "
                           "over the processes (each runs every call with particles/processes of them; FK "
@@ -308,12 +312,13 @@ def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any],
         options = dict(reward=reward, lmbda=args.lmbda, potential=args.potential, resample_at=args.resample_at,
                        ess_threshold=args.ess_threshold, seed=args.seed)
         try:
-            fk = ShardedFKSteering(**options, group=group) if args.shard_particles else FKSteering(**options)
+            fk = (ShardedFKSteering(**options, group=group, select=args.select) if args.shard_particles
+                  else FKSteering(**options, select=args.select))
             fk.scoring_steps(args.steps)  # steps outside the trajectory: fail before sampling
         except ValueError as error:
             raise CliError(str(error)) from None
         return [fk], reward
-    return [BestOfN(reward=reward)], reward
+    return [BestOfN(reward=reward, select=args.select, seed=args.seed)], reward
 
 
 def _feedback_guidance(args, guidance, default_scale: float, is_class_conditional: bool):
@@ -367,6 +372,11 @@ def generate_command(args) -> dict[str, Any]:
         raise CliError(f"--shard-particles: --particles {particles} does not split over {group.world_size} "
                        f"processes; give a multiple of {group.world_size}")
     local_particles = particles // group.world_size if args.shard_particles else particles
+    if args.select != "best" and args.method == "none":
+        raise CliError(f"--select {args.select} picks among particles; it needs --method fk or best-of-n")
+    # One file per output: per image, or with --select all per particle (then each particle is an
+    # output of its own, and output o is the call's row o, so seeds are unchanged).
+    outputs_per_image = particles if args.select == "all" else 1
     started = time.perf_counter()
     from diffusers.utils import logging as diffusers_logging
 
@@ -392,12 +402,15 @@ def generate_command(args) -> dict[str, Any]:
     pipe.scheduler = scheduler
     labels = [item for item in items for _ in range(args.num_images)]
     names = [f"{i:03d}-{_slug(label)}.png" for i, label in enumerate(labels)]
+    if outputs_per_image > 1:
+        names = [f"{i:03d}-{_slug(label)}-p{j}.png" for i, label in enumerate(labels) for j in range(particles)]
     config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
               for k, v in vars(args).items() if k != "argv"}
     # What must match for a rerun to resume the run in --out (not where it writes, nor how many processes).
     fingerprint = {**{k: v for k, v in config.items() if k not in ("out", "overwrite")}, "resolved_items": items}
-    run = ShardedGeneration(args.out, items, names, seed=args.seed, images_per_item=args.num_images,
-                            particles=particles, items_per_call=args.items_per_call, fingerprint=fingerprint,
+    run = ShardedGeneration(args.out, items, names, seed=args.seed, images_per_item=args.num_images * outputs_per_image,
+                            particles=particles // outputs_per_image, items_per_call=args.items_per_call,
+                            fingerprint=fingerprint,
                             overwrite=args.overwrite, group=group,
                             shard="particles" if args.shard_particles else "prompts")
     _check_output_dir(args.out, [], args.overwrite)
@@ -451,20 +464,26 @@ def generate_command(args) -> dict[str, Any]:
     for chunk in run.my_chunks():
         for hook in hooks:  # resampling draws depend on the chunk, never on the process or earlier chunks
             hook.seed = args.seed + chunk.rows.start
-        my_rows = None
+        shards = my_rows = None
         if args.shard_particles:  # this process's particles of every prompt, seeded by their global rows
             from steerkit.distributed import ParticleShards
 
-            my_rows = ParticleShards(len(chunk.outputs), local_particles, group).global_rows()
+            shards = ParticleShards(len(chunk.items) * args.num_images, local_particles, group)
+            my_rows = shards.global_rows()
         output = pipe(**call, **{prompt_key: [items[i] for i in chunk.items]},
                       generator=chunk.generators(device, my_rows), guidance=guidance, hooks=hooks,
                       num_particles=local_particles, max_batch=args.max_batch)
         trace = output.steering
         nfe += trace.total_nfe
+        images = output.images
         diagnostics = trace.to_dict()
         if args.shard_particles:
             diagnostics = _all_processes_nfe(diagnostics, group, particles)
-        run.save(chunk, output.images, selected_rows=trace.extras.get("selected_rows"), diagnostics=diagnostics)
+            if args.select == "all":
+                images = _gather_images(images, shards)
+        rows = trace.extras.get("selected_rows") if outputs_per_image == 1 else None
+        run.save(chunk, images, selected_rows=rows, diagnostics=diagnostics,
+                 image_fields=_image_scores(trace.extras, rows, len(images)))
     record = run.finish({**record, "wall_time_s": time.perf_counter() - started})
     attempt = record["attempts"][-1]
     nfe = sum(group.all_gather_object(nfe))
@@ -473,6 +492,27 @@ def generate_command(args) -> dict[str, Any]:
         print(f"wrote {attempt['images_done']} image(s) and run.json to {args.out}{resumed} — {nfe} NFEs, "
               f"{record['wall_time_s']:.1f} s")
     return record
+
+
+def _gather_images(images: list[Any], shards) -> list[Any]:
+    """Every process's particles (PIL images, this process's rows) → all of them, in the call's row order."""
+    per_process = shards.group.all_gather_object(list(images))
+    ordered: list[Any] = [None] * (shards.num_prompts * shards.num_particles)
+    for rank, share in enumerate(per_process):
+        for row, image in zip(shards.global_rows(rank).tolist(), share):
+            ordered[row] = image
+    return ordered
+
+
+def _image_scores(extras: dict[str, Any], selected_rows: list[int] | None, count: int) -> list[dict[str, Any]] | None:
+    """Each written image's final reward (and FK weight), from the call's diagnostics."""
+    method = extras.get("fk") or extras.get("best_of_n")
+    if method is None:
+        return None
+    rewards = method["final_rewards"]
+    weights = [w for prompt in method["final_weights"] for w in prompt] if "final_weights" in method else None
+    rows = selected_rows if selected_rows is not None else range(count)
+    return [{"reward": rewards[row], **({"weight": weights[row]} if weights is not None else {})} for row in rows]
 
 
 def _all_processes_nfe(diagnostics: dict[str, Any], group, particles: int) -> dict[str, Any]:

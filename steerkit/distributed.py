@@ -327,7 +327,8 @@ class ShardedGeneration:
         return self.pending[self.group.rank::self.group.world_size]
 
     def save(self, chunk: Chunk, images: Sequence[Any], selected_rows: Sequence[int] | None = None,
-             diagnostics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+             diagnostics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+             image_fields: Sequence[dict[str, Any]] | None = None) -> None:
         """Write a chunk's images atomically, then record them as done in this process's part file.
 
         Args:
@@ -337,6 +338,7 @@ class ShardedGeneration:
                 method picked one particle per image; default: the first particle of each.
             diagnostics: the call's diagnostics (``RunTrace.to_dict()``), kept per chunk.
             extra: more fields for the chunk record.
+            image_fields: more fields for each image's record (e.g. its reward), one dict per image.
 
         Sharding particles, every process calls this with the same images and only process 0 writes.
         """
@@ -351,14 +353,18 @@ class ShardedGeneration:
             os.kill(os.getpid(), signal.SIGKILL)
         p = self.particles
         rows = list(selected_rows) if selected_rows is not None else [i * p for i in range(len(chunk.outputs))]
+        fields = list(image_fields) if image_fields is not None else [{}] * len(chunk.outputs)
+        if len(fields) != len(chunk.outputs):
+            raise ValueError(f"chunk {chunk.index} has {len(chunk.outputs)} outputs, got {len(fields)} image_fields")
         records = []
-        for output, local_row in zip(chunk.outputs, rows):
+        for output, local_row, more in zip(chunk.outputs, rows, fields):
             row = chunk.rows.start + int(local_row)
             first = (row // p) * p
             records.append({"index": output, "file": self.file_names[output],
                             "item": self.items[output // self.images_per_item], "row": row,
                             "seed": self.seed + row, "particle_seeds": [self.seed + r for r in range(first, first + p)],
-                            "status": "done", "rank": self.group.rank, "chunk": chunk.index, "attempt": self.attempt})
+                            **more, "status": "done", "rank": self.group.rank, "chunk": chunk.index,
+                            "attempt": self.attempt})
         self._mine.append({"chunk": chunk.index, "attempt": self.attempt, "rank": self.group.rank,
                            "outputs": [chunk.outputs.start, chunk.outputs.stop], "images": records,
                            "diagnostics": diagnostics, **(extra or {})})

@@ -52,6 +52,29 @@ def test_fk_schedule_potential_and_ess_gate_from_the_command_line(tiny_model_dir
     assert fk["resampled_steps"] == [2, 3]
 
 
+@pytest.mark.parametrize("method", ["fk", "best-of-n"])
+def test_select_all_writes_every_particle_and_best_is_the_highest_reward(tiny_model_dir, tmp_path, capsys, method):
+    common = ["generate", "class0", "class1", "--model", tiny_model_dir, "--steps", "4", "--method", method,
+              "--particles", "3", "--reward", "brightness", "--lmbda", "50"]
+    code, _, stderr = run([*common, "--select", "all", "--out", tmp_path / "all"], capsys)
+    assert code == 0, stderr
+    everything = json.loads((tmp_path / "all" / "run.json").read_text())["images"]
+    assert [im["file"] for im in everything] == [f"{i:03d}-class{i}-p{j}.png" for i in range(2) for j in range(3)]
+    assert [(im["row"], im["seed"]) for im in everything] == [(r, r) for r in range(6)]  # seeds as in one call
+    assert all(("weight" in im) == (method == "fk") for im in everything)
+    code, _, stderr = run([*common, "--out", tmp_path / "best"], capsys)
+    assert code == 0, stderr
+    best = json.loads((tmp_path / "best" / "run.json").read_text())["images"]
+    for image in best:  # the written image is the particle of highest reward among its three
+        group = everything[image["index"] * 3:(image["index"] + 1) * 3]
+        chosen = everything[image["row"]]
+        assert image["reward"] == chosen["reward"] == max(im["reward"] for im in group)
+        assert (tmp_path / "best" / image["file"]).read_bytes() == (tmp_path / "all" / chosen["file"]).read_bytes()
+    code, _, stderr = run(["generate", "class0", "--model", tiny_model_dir, "--select", "all", "--out", tmp_path / "o"],
+                          capsys)
+    assert code == 2 and "--select all picks among particles; it needs --method fk or best-of-n" in stderr
+
+
 def test_existing_outputs_are_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["generate", "class1", "--model", tiny_model_dir, "--steps", "2", "--out", out]

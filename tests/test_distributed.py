@@ -202,6 +202,12 @@ def test_two_processes_sharing_particles_write_the_same_images_as_one(one_proces
     assert chunk["nfe_per_process"] == [{"cond": 4, "uncond": 4}] * 2 and chunk["nfe"] == {"cond": 8, "uncond": 8}
     assert sharded["diagnostics"]["nfe"] == single["diagnostics"]["nfe"]
     assert chunk["extras"]["fk"]["sharded"]["processes"] == 2
+    # Every particle (--select all): each process's share, gathered in the one-process order.
+    every = [*GENERATE, "--select", "all", "--shard-particles"]
+    result = torchrun(["-m", "steerkit", *every, "--out", str(tmp_path / "all-2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([*GENERATE, "--select", "all", "--out", str(tmp_path / "all-1")]) == 0  # plain FK, one process
+    assert pngs(tmp_path / "all-2") == pngs(tmp_path / "all-1") and len(pngs(tmp_path / "all-1")) == 8
     # Killed while process 0 saves its 2nd chunk, then resumed by one process: nothing lost.
     killed = tmp_path / "killed"
     result = torchrun(["-m", "steerkit", *GENERATE, "--shard-particles", "--out", str(killed)], extra_env={KILL_ENV: "2"})
