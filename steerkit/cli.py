@@ -410,8 +410,7 @@ def generate_command(args) -> dict[str, Any]:
     fingerprint = {**{k: v for k, v in config.items() if k not in ("out", "overwrite")}, "resolved_items": items}
     run = ShardedGeneration(args.out, items, names, seed=args.seed, images_per_item=args.num_images * outputs_per_image,
                             particles=particles // outputs_per_image, items_per_call=args.items_per_call,
-                            fingerprint=fingerprint,
-                            overwrite=args.overwrite, group=group,
+                            fingerprint=fingerprint, overwrite=args.overwrite, group=group,
                             shard="particles" if args.shard_particles else "prompts")
     _check_output_dir(args.out, [], args.overwrite)
     if run.clash:
