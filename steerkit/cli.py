@@ -479,7 +479,7 @@ def generate_command(args) -> dict[str, Any]:
         if args.shard_particles:
             diagnostics = _all_processes_nfe(diagnostics, group, particles)
             if args.select == "all":
-                images = _gather_images(images, shards)
+                images = shards.gather_objects(images)
         rows = trace.extras.get("selected_rows") if outputs_per_image == 1 else None
         run.save(chunk, images, selected_rows=rows, diagnostics=diagnostics,
                  image_fields=_image_scores(trace.extras, rows, len(images)))
@@ -491,16 +491,6 @@ def generate_command(args) -> dict[str, Any]:
         print(f"wrote {attempt['images_done']} image(s) and run.json to {args.out}{resumed} — {nfe} NFEs, "
               f"{record['wall_time_s']:.1f} s")
     return record
-
-
-def _gather_images(images: list[Any], shards) -> list[Any]:
-    """Every process's particles (PIL images, this process's rows) → all of them, in the call's row order."""
-    per_process = shards.group.all_gather_object(list(images))
-    ordered: list[Any] = [None] * (shards.num_prompts * shards.num_particles)
-    for rank, share in enumerate(per_process):
-        for row, image in zip(shards.global_rows(rank).tolist(), share):
-            ordered[row] = image
-    return ordered
 
 
 def _image_scores(extras: dict[str, Any], selected_rows: list[int] | None, count: int) -> list[dict[str, Any]] | None:

@@ -453,6 +453,14 @@ class ParticleShards:
         world, p, kl, rest = self.group.world_size, self.num_prompts, self.local_particles, local.shape[1:]
         return stacked.reshape(world, p, kl, *rest).transpose(0, 1).reshape(p * world * kl, *rest)
 
+    def gather_objects(self, local: Sequence[Any]) -> list[Any]:
+        """Per-row Python objects (e.g. PIL images) of every process → all ``P·K`` of them, in global row order."""
+        ordered: list[Any] = [None] * (self.num_prompts * self.num_particles)
+        for rank, share in enumerate(self.group.all_gather_object(list(local))):
+            for row, item in zip(self.global_rows(rank).tolist(), share):
+                ordered[row] = item
+        return ordered
+
     def gather_weights(self, local: torch.Tensor) -> torch.Tensor:
         """``[P, K/W]`` per-prompt weights of every process → the global ``[P, K]``."""
         return self.group.all_gather(local).permute(1, 0, 2).reshape(self.num_prompts, self.num_particles)
@@ -481,14 +489,11 @@ class ParticleShards:
         Every other slot keeps its own row, so only the chosen rows travel (to the processes that
         do not hold them).
         """
-        world, p, kl, k = self.group.world_size, self.num_prompts, self.local_particles, self.num_particles
-        source_rank = torch.arange(world)[:, None].expand(world, p * kl).clone()
-        source_row = torch.arange(p * kl).expand(world, p * kl).clone()
-        particle = chosen.to("cpu", torch.int64) % k
-        first = torch.arange(p) * kl
-        source_rank[:, first] = particle // kl
-        source_row[:, first] = first + particle % kl
-        return source_rank, source_row
+        k, kl = self.num_particles, self.local_particles
+        ancestors = torch.arange(self.num_prompts * k)
+        firsts = ancestors.view(self.num_prompts, k)[:, ::kl].clone()  # [P, W]: each process's first slot per prompt
+        ancestors[firsts.reshape(-1)] = chosen.to("cpu", torch.int64).repeat_interleave(self.group.world_size)
+        return self.plan(ancestors)
 
     def exchange(self, rows: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.group.exchange_rows(rows, *plan)
