@@ -9,9 +9,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from steerkit.guidance import ClassifierFreeGuidance, Guidance
+from steerkit.guidance import Guidance
 
-from .base import Adapter, Conditioning, Prepared, SteeredMixin
+from .base import Adapter, Conditioning, Prepared, SteeredMixin, vae_input
 
 
 def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
@@ -32,7 +32,7 @@ def group_prompts(prompt: Any, batch_size: int, images_per_prompt: int) -> list[
 def vae_decode_unit(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     """Decode SD-style VAE latents to images in [0, 1] (float32), for rewards."""
     vae = pipe.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    z = vae_input(vae, latents) / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         z = z + vae.config.shift_factor
     image = vae.decode(z, return_dict=False)[0]
@@ -56,12 +56,19 @@ class StableDiffusionAdapter(Adapter):
 
     pipeline_class = StableDiffusionPipeline
     unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
+    callback_tensors = {
+        "prompt_embeds": ("encoder_hidden_states", "both"),
+        "negative_prompt_embeds": ("encoder_hidden_states", "uncond"),
+    }
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_guidance_scale": call["guidance_scale"], "_guidance_rescale": call["guidance_rescale"],
+                "_clip_skip": call["clip_skip"], "_cross_attention_kwargs": call["cross_attention_kwargs"]}
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
-        # LCM-distilled UNets take the scale as an embedding and the stock pipeline runs no CFG.
-        if self.pipe.unet.config.time_cond_proj_dim is not None:
-            return ClassifierFreeGuidance(1.0)
-        return ClassifierFreeGuidance(call["guidance_scale"], call["guidance_rescale"])
+        # The pipeline's do_classifier_free_guidance is False for LCM-distilled UNets (they take the
+        # scale as an embedding), so the stock loop and this guidance run no CFG for them.
+        return self.pipeline_cfg(call["guidance_scale"], call["guidance_rescale"])
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
