@@ -326,6 +326,7 @@ def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guida
             pipe._current_timestep = None
         guidance = guidance if guidance is not None else adapter.default_guidance(call)
         prepared = adapter.prepare(call, num_particles, guidance)
+        session.check_tensor_inputs()
         pipe._num_timesteps = len(prepared.timesteps)
         num_rows = prepared.latents.shape[0]
         num_groups = num_rows // num_particles
@@ -417,14 +418,13 @@ class StockSession:
         if hasattr(self.callback, "tensor_inputs"):  # a PipelineCallback brings its own, as in stock
             names = list(self.callback.tensor_inputs)
         self.names = names if self.callback is not None else []
-        allowed = getattr(pipe, "_callback_tensor_inputs", None)
+
+    def check_tensor_inputs(self) -> None:
+        """After the adapter's stock ``check_inputs`` (which refuses names the stock pipeline does
+        not allow, with the stock message): every allowed name must be mapped by the adapter."""
         for name in self.names:
-            if name == "latents":
-                continue
-            if allowed is not None and name not in allowed:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {allowed}, but found {name!r}")
-            if name not in adapter.callback_tensors:
-                raise NotImplementedError(f"{type(adapter).__name__} does not map the callback tensor input {name!r}")
+            if name != "latents" and name not in self.adapter.callback_tensors:
+                raise NotImplementedError(f"{type(self.adapter).__name__} does not map the callback tensor input {name!r}")
 
     @contextlib.contextmanager
     def running_scheduler(self):

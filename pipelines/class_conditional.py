@@ -158,7 +158,7 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
             if callback_on_step_end is not None:
                 names = callback_on_step_end_tensor_inputs or ["latents"]
-                outputs = callback_on_step_end(self, i, t, {name: locals()[name] for name in names}) or {}
+                outputs = callback_on_step_end(self, i, t, {name: latents for name in names}) or {}
                 latents = outputs.pop("latents", latents)
         image = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
