@@ -51,11 +51,19 @@ def vae_encode_unit(pipe: Any, images: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+IP_ADAPTER_KEY = "ip_adapter_image_embeds."
+
+
+def ip_adapter_embeds(inputs: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The UNet's ``image_embeds`` list (one tensor per IP-Adapter), or ``None`` without an image prompt."""
+    keys = sorted((key for key in inputs if key.startswith(IP_ADAPTER_KEY)), key=lambda key: int(key[len(IP_ADAPTER_KEY):]))
+    return [inputs[key] for key in keys] or None
+
+
 class StableDiffusionAdapter(Adapter):
     """SD 1.x/2.x: one batched ``[uncond; cond]`` UNet call, ε or v prediction, VAE latents."""
 
     pipeline_class = StableDiffusionPipeline
-    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
     callback_tensors = {
         "prompt_embeds": ("encoder_hidden_states", "both"),
         "negative_prompt_embeds": ("encoder_hidden_states", "uncond"),
@@ -76,7 +84,8 @@ class StableDiffusionAdapter(Adapter):
         width = call["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
             call["prompt"], height, width, None, call["negative_prompt"], call["prompt_embeds"],
-            call["negative_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+            call["negative_prompt_embeds"], call["ip_adapter_image"], call["ip_adapter_image_embeds"],
+            call["callback_on_step_end_tensor_inputs"],
         )
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
@@ -96,7 +105,23 @@ class StableDiffusionAdapter(Adapter):
         )
         cond = {"encoder_hidden_states": prompt_embeds}
         uncond = {"encoder_hidden_states": negative_embeds} if guidance.needs_uncond else None
+        self.add_ip_adapter_inputs(call, cond, uncond, latents.shape[0], device)
         return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
+
+    def add_ip_adapter_inputs(self, call: dict[str, Any], cond: dict, uncond: dict | None, rows: int, device) -> None:
+        """IP-Adapter image embeddings as per-row inputs of each branch (they then follow particles
+        under resampling). The stock helper builds ``cat([negative, positive])`` per adapter."""
+        if call["ip_adapter_image"] is None and call["ip_adapter_image_embeds"] is None:
+            return
+        embeds = self.pipe.prepare_ip_adapter_image_embeds(
+            call["ip_adapter_image"], call["ip_adapter_image_embeds"], device, rows, uncond is not None
+        )
+        for k, per_adapter in enumerate(embeds):
+            key = f"{IP_ADAPTER_KEY}{k}"
+            if uncond is not None:
+                uncond[key], cond[key] = per_adapter.chunk(2)
+            else:
+                cond[key] = per_adapter
 
     def unet_prepared(self, call, cond, uncond, latents, scheduler, timesteps, batch_size) -> Prepared:
         """The SD/SDXL tail: LCM guidance embedding (if the UNet takes one) and the stock step kwargs."""
@@ -131,7 +156,8 @@ class StableDiffusionAdapter(Adapter):
         )[0]
 
     def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        return None
+        images = ip_adapter_embeds(inputs)
+        return None if images is None else {"image_embeds": images}
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return vae_decode_unit(self.pipe, x0)

@@ -18,7 +18,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from steerkit.guidance import Guidance
 
 from .base import Prepared, SteeredMixin, vae_input
-from .stable_diffusion import StableDiffusionAdapter, prompt_batch_size
+from .stable_diffusion import StableDiffusionAdapter, ip_adapter_embeds, prompt_batch_size
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
@@ -43,7 +43,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], height, width, None, call["negative_prompt"], call["negative_prompt_2"],
             call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
-            call["negative_pooled_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+            call["negative_pooled_prompt_embeds"], call["ip_adapter_image"], call["ip_adapter_image_embeds"],
+            call["callback_on_step_end_tensor_inputs"],
         )
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
@@ -95,6 +96,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                 "text_embeds": negative_pooled.to(device),
                 "time_ids": negative_time_ids.to(device).repeat(rows, 1),
             }
+        self.add_ip_adapter_inputs(call, cond, uncond, rows, device)
         return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
 
     def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
@@ -105,7 +107,11 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
     def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        images = ip_adapter_embeds(inputs)
+        if images is not None:
+            added["image_embeds"] = images
+        return added
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return (self._vae_decode(x0, for_reward=True).float() / 2 + 0.5).clamp(0, 1)

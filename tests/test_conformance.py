@@ -218,6 +218,19 @@ FAMILIES = [
            {**TEXT_ONLY, "cfg_cutoff": "no CFG cut-off callback in diffusers for it", "lora": NO_PEFT,
             "caches": NO_CACHE}, extra_calls={"names": dict(class_labels=["class2", 0])}),
 ]
+# IP-Adapter: a random adapter loaded through diffusers' loader, one image embedding (negative, positive).
+IP_EMBEDS = [torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(1))]
+IP_SKIP = {"caches": NO_CACHE, "lora": "LoRA is checked on the plain family",
+           "cfg_cutoff": "stock fails: after the cut-off the image embeddings keep both branches"}
+FAMILIES += [
+    Family("sd-ip-adapter", lambda: testing.load_random_ip_adapter(testing.tiny_stable_diffusion()),
+           dict(prompt="a red cube", guidance_scale=5.0, ip_adapter_image_embeds=IP_EMBEDS, **SD_SIZE),
+           dict(prompt=["a red cube", "a blue ball"]), {"pndm-sd15": _sd15_pndm}, IP_SKIP, embeds=_sd_embeds,
+           extra_calls={"no-cfg": dict(guidance_scale=1.0, ip_adapter_image_embeds=[IP_EMBEDS[0][1:]])}),
+    Family("sdxl-ip-adapter", lambda: testing.load_random_ip_adapter(testing.tiny_stable_diffusion_xl()),
+           dict(prompt="a red cube", guidance_scale=5.0, ip_adapter_image_embeds=IP_EMBEDS, **SD_SIZE),
+           dict(prompt=["a red cube", "a blue ball"]), {"euler-sdxl": _sdxl_euler}, IP_SKIP, embeds=_sdxl_embeds),
+]
 BY_NAME = {family.name: family for family in FAMILIES}
 
 # --- running and comparing ---------------------------------------------------------------------
@@ -406,6 +419,18 @@ def check_callbacks(family):
                                                     callback_on_step_end_tensor_inputs=["not_a_tensor"])))
 
 
+def check_guidance_change(family):
+    """A callback that changes ``pipe._guidance_scale``: the stock loops that read it each step
+    (SD, SDXL, SD3) follow it, the others ignore it, and the steered default guidance does the same."""
+
+    def lower_scale(pipe, i, t, kwargs):
+        if i == 0:
+            pipe._guidance_scale = 2.0
+        return kwargs
+
+    check_same(shared(family), call_pipe(family, callback_on_step_end=lower_scale, num_inference_steps=3))
+
+
 def check_cfg_cutoff(family):
     pipe = shared(family)
     callback = _cutoff(family.cfg_cutoff)(cutoff_step_ratio=None, cutoff_step_index=1)
@@ -435,11 +460,15 @@ def check_interrupt(family):
 
 def check_attention_slicing(family):
     pipe = shared(family)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    processors = dict(getattr(denoiser, "attn_processors", {}))  # slicing replaces them (IP-Adapter's too)
     pipe.enable_attention_slicing(slice_size=1)
     try:
         check_same(pipe, call_pipe(family, **family.batch))
     finally:
         pipe.disable_attention_slicing()
+        if processors:
+            denoiser.set_attn_processor(processors)
 
 
 def check_vae_slicing(family):
@@ -622,6 +651,7 @@ CHECKS: dict[str, tuple[Callable, Callable[[Family], list]]] = {
     "latents": (check_latents, lambda f: [None]),
     "callbacks": (check_callbacks, lambda f: [None]),
     "cfg_cutoff": (check_cfg_cutoff, lambda f: [None] if f.cfg_cutoff else []),
+    "guidance_change": (check_guidance_change, lambda f: [] if "callbacks" in f.skip else [None]),
     "interrupt": (check_interrupt, lambda f: [None]),
     "attention_slicing": (check_attention_slicing, lambda f: [None]),
     "vae_slicing": (check_vae_slicing, lambda f: [None] if f.name != "class-conditional" else []),
