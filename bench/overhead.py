@@ -32,6 +32,22 @@ FAMILIES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def count_operators(function) -> int:
+    """aten operators one call dispatches: a load-independent measure of the work on each side."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        function()
+    return Counter.count
+
+
 def measure(family: str, device: str, dtype: torch.dtype, steps: int, batch: int, repeats: int) -> dict:
     import steerkit
     from steerkit import testing
@@ -48,6 +64,7 @@ def measure(family: str, device: str, dtype: torch.dtype, steps: int, batch: int
         return pipe(**kwargs, generator=torch.Generator(device).manual_seed(0)).images
 
     equal = torch.equal(run(stock), run(steered))
+    operators = {"stock": count_operators(lambda: run(stock)), "steerkit": count_operators(lambda: run(steered))}
     times = interleaved_times({"stock": lambda: run(stock), "steerkit": lambda: run(steered)}, repeats=repeats)
     ratio = median(times["steerkit"]) / median(times["stock"])
     return {
@@ -59,6 +76,7 @@ def measure(family: str, device: str, dtype: torch.dtype, steps: int, batch: int
         "steerkit_range_s": [min(times["steerkit"]), max(times["steerkit"])],
         "time_ratio": ratio,
         "outputs_equal": equal,
+        "operators": operators,
         "met": bool(ratio <= 1.03 and equal),
     }
 
@@ -83,7 +101,8 @@ def main(argv=None) -> dict:
             row = measure(family, args.device, dtype, args.steps, args.batch, args.repeats)
             rows.append(row)
             print(f"{family:18s} {row['dtype']:9s} stock {row['stock_median_s'] * 1e3:7.1f} ms | steerkit "
-                  f"{row['steerkit_median_s'] * 1e3:7.1f} ms | ratio {row['time_ratio']:.3f} | equal "
+                  f"{row['steerkit_median_s'] * 1e3:7.1f} ms | ratio {row['time_ratio']:.3f} | aten ops "
+                  f"{row['operators']['stock']} vs {row['operators']['steerkit']} | equal "
                   f"{row['outputs_equal']} | met {row['met']}", flush=True)
     result = {
         "benchmark": "overhead",

@@ -31,8 +31,9 @@ Checklist: what a family adapter provides (subclass :class:`Adapter`)
    ``adapter_class = YourAdapter``: that registers it for :func:`steer` and gives it the stock signature.
 2. ``branch_order`` / ``batch_branches``: how the stock loop stacks CFG branches.
 3. ``stock_attributes(call)``: the private attributes the stock ``__call__`` sets before its loop
-   (``_guidance_scale``, ``_joint_attention_kwargs``, ...). ``_interrupt``, ``_num_timesteps`` and
-   ``_current_timestep`` (where the stock class has that property) are set by the base.
+   (``_joint_attention_kwargs``, ``_clip_skip``, ``_attention_kwargs``, ...). The base sets
+   ``_guidance_scale`` (from the ``guidance_scale`` argument, where the class has that property),
+   ``_interrupt``, ``_num_timesteps`` and ``_current_timestep`` (where the class has that property).
 4. ``prepare(call, num_particles, guidance)``: use ``self.fresh_scheduler()`` (the call's scheduler,
    already installed as ``pipe.scheduler``), call the stock helpers in the stock order, and return
    :class:`Prepared`. Pass the call's dtype through: never cast the pipeline.
@@ -58,7 +59,7 @@ import contextlib
 import copy
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -91,7 +92,6 @@ class Prepared:
     timesteps: torch.Tensor
     step_kwargs: dict[str, Any]
     prompts: list[Any]  # one entry per group of particles (prompt × image-per-prompt)
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class PipelineCFG(ClassifierFreeGuidance):
@@ -319,6 +319,10 @@ def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guida
         raise TypeError(f"guidance must be a steerkit Guidance, got {type(guidance).__name__}")
     session = StockSession(pipe, adapter, call)
     with session.running_scheduler():
+        # Every diffusers pipeline with a guidance_scale property sets it first thing; so do we, so
+        # that an adapter that forgets it never reads the scale of an earlier call.
+        if "guidance_scale" in call and isinstance(getattr(type(pipe), "guidance_scale", None), property):
+            pipe._guidance_scale = call["guidance_scale"]
         for name, value in adapter.stock_attributes(call).items():
             setattr(pipe, name, value)
         pipe._interrupt = False

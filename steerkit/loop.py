@@ -75,10 +75,7 @@ def run_model(
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
             x = scheduler.scale_model_input(x, timestep)
-        inputs = _stack_inputs([
-            extra_inputs[name] if name in extra_inputs else _select_rows(conditioning.branch(name), rows, latents.shape[0])
-            for name, rows in zip(group, row_sets)
-        ])
+        inputs = _group_inputs(conditioning, group, row_sets, extra_inputs, latents.shape[0])
         static = dict(conditioning.static)
         for name in group:
             static.update(extra_static.get(name, {}))
@@ -96,6 +93,23 @@ def run_model(
         for name, pred in zip(group, out.split([part.shape[0] for part in parts])):
             predictions[name] = pred
     return predictions, calls
+
+
+def _group_inputs(conditioning: Conditioning, group: list[str], row_sets: list[torch.Tensor | None],
+                  extra_inputs: dict[str, dict[str, torch.Tensor]], batch_size: int) -> dict[str, torch.Tensor]:
+    """The stacked model inputs of one call. Whole branches are stacked once per conditioning, not
+    once per step (the stock loops concatenate ``[negative; positive]`` once, before the loop);
+    resampling or a callback makes a new :class:`Conditioning`, and with it a new stack."""
+    whole = all(rows is None for rows in row_sets) and not any(name in extra_inputs for name in group)
+    if whole and len(group) > 1:
+        cache = conditioning.__dict__.setdefault("_stacked", {})
+        if tuple(group) not in cache:
+            cache[tuple(group)] = _stack_inputs([conditioning.branch(name) for name in group])
+        return cache[tuple(group)]
+    return _stack_inputs([
+        extra_inputs[name] if name in extra_inputs else _select_rows(conditioning.branch(name), rows, batch_size)
+        for name, rows in zip(group, row_sets)
+    ])
 
 
 def _select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | None, batch_size: int) -> dict[str, torch.Tensor]:
