@@ -140,6 +140,8 @@ class AndersonMixer:
 
 
 ACCELERATIONS = (None, "anderson")
+#: A step shorter than this fraction of the iterate's norm is too short to measure the bound with.
+INFORMATIVE_STEP = 1e-4
 
 
 def flowopt(
@@ -208,7 +210,12 @@ def flowopt(
     for k in bar:
         if k > 0:
             f_z = f(z).float()
-            observed = torch.minimum(observed, pair_ratio(z, previous[0], f_z, previous[1]).cpu())
+            # Only pairs that moved measurably say anything: at convergence (or in float32
+            # rounding) the ratio is noise. fmin: a NaN ratio (a diverged problem) is skipped.
+            ratio = pair_ratio(z, previous[0], f_z, previous[1]).cpu()
+            moved = ((z - previous[0]).flatten(1).double().norm(dim=1)
+                     > INFORMATIVE_STEP * z.flatten(1).double().norm(dim=1)).cpu()
+            observed = torch.fmin(observed, torch.where(moved, ratio, torch.full_like(ratio, math.nan)))
         residual = f_z - target
         loss = residual.flatten(1).double().pow(2).mean(1).cpu()
         result.loss.append(loss.tolist())
@@ -244,13 +251,21 @@ def flowopt(
                 mixer.restart(diverging)
             z = mixer.step(z, step)
     bar.close()
+    source = "given" if step_size is not None else f"{safety:g} × the bound estimated at the start"
     if torch.isfinite(observed).any():
         result.observed_bound = observed.tolist()
-        if step_size is not None and mixer is None and bool((eta.cpu() > observed).any()):
+        # Whatever chose η (the caller, or the estimate at the start), and whatever steps with it.
+        if bool((eta.cpu() > observed).any()):
             warnings.warn(
-                f"step_size {eta.max().item():.4g} exceeds the bound observed along the iterates "
-                f"({observed.min().item():.4g}): the iteration may diverge; try a smaller step_size "
-                "or step_size=None to estimate one", stacklevel=2)
+                f"step_size {eta.max().item():.4g} ({source}) exceeds the bound observed along the iterates "
+                f"({observed.min().item():.4g}): the iteration may diverge; try a smaller step_size"
+                f"{' or step_size=None to estimate one' if step_size is not None else ''}", stacklevel=2)
+    diverged = [p for p in range(rows) if not all(math.isfinite(loss[p]) for loss in result.loss)]
+    if diverged:
+        warnings.warn(
+            f"FlowOpt diverged: the iterates of problem(s) {diverged} became non-finite with step_size "
+            f"{eta.max().item():.4g} ({source}); the best finite iterate is returned; use a smaller step_size",
+            stacklevel=2)
     result.nfe = getattr(f, "nfe", 0) - nfe_before
     if decode is not None:
         result.images = decode(result.output)
