@@ -3,9 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The suite honours OMP_NUM_THREADS. Unset, it runs with at most 2 threads, and exports that, so
-# every process a test starts (accelerate launch, torchrun, nbclient kernels) computes under the
-# same thread count as the test process: on some CPUs 1 and 2 threads round differently.
+# The suite honours OMP_NUM_THREADS. Unset, it runs with at most 2 threads and exports that, so the
+# processes a test starts inherit this process's thread count unless the test sets one: on some
+# CPUs 1 and 2 threads round differently, so runs compared for bytes must share it.
 _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 if not os.environ.get("OMP_NUM_THREADS", "").isdigit() or int(os.environ["OMP_NUM_THREADS"]) < 1:
     os.environ["OMP_NUM_THREADS"] = str(min(2, _cores))

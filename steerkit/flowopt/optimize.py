@@ -277,7 +277,9 @@ def _as_image_batch(images: Any, device: torch.device) -> torch.Tensor:
     from pathlib import Path
 
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from steerkit.images import image_to_array, open_image
 
     if isinstance(images, torch.Tensor):
         batch = images[None] if images.ndim == 3 else images
@@ -290,20 +292,14 @@ def _as_image_batch(images: Any, device: torch.device) -> torch.Tensor:
     arrays = []
     for item in items:
         if isinstance(item, (str, Path)):
-            try:
-                item = Image.open(item)
-                item.load()
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"cannot read image {str(item)!r}: {error}") from None
+            item = open_image(item)  # EXIF orientation applied, oversized files refused
         if not isinstance(item, Image.Image):
             raise TypeError(f"images must be paths, PIL images or tensors, got {type(item).__name__}")
-        arrays.append(np.asarray(item, dtype=np.float32) / 255.0)
+        arrays.append(image_to_array(item))  # every mode by its own range (16-bit, palette, alpha on black)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"all images must have the same size, got {sorted(shapes)}")
-    batch = torch.from_numpy(np.stack(arrays))
-    batch = batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
-    return batch.to(device)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def _fit_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
