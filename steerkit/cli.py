@@ -308,9 +308,9 @@ def describe_error(error: BaseException) -> tuple[str, int]:
                 "--items-per-call to make smaller calls"), 2
     if isinstance(error, OSError):
         where = f" ({error.filename})" if error.filename else ""
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return (f"no space left on the device{where}: free some space or choose another --out; rerunning the "
-                    "same command then resumes what was done"), 2
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return (f"no space left on the device{where}: free some space or choose another --out (steerkit "
+                    "generate then resumes what was done)"), 2
         return f"{error.strerror or one_line(error) or type(error).__name__}{where}", 2
     return (f"{type(error).__name__}: {one_line(error)} (an internal error; rerun with --debug for the traceback "
             "and please report it)"), 1
@@ -321,7 +321,7 @@ def _one_line_warnings():
     """Show each warning as one ``steerkit: warning: ...`` line on stderr while the command runs."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        label = "" if issubclass(category, UserWarning) and category is UserWarning else f"{category.__name__}: "
+        label = "" if category is UserWarning else f"{category.__name__}: "
         print(f"steerkit: warning: {label}{one_line(message)}", file=sys.stderr)
 
     with warnings.catch_warnings():

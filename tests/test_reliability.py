@@ -262,6 +262,8 @@ def small_tmpfs(tmp_path):
     """A 16 KB file system (skipped where this process may not mount one)."""
     mount = tmp_path / "small"
     mount.mkdir()
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("no mount command here")
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip() or result.returncode}")
@@ -344,22 +346,29 @@ def test_a_run_that_fails_after_it_started_says_so_and_the_corrected_command_pro
 # --- 1. one run per --out ------------------------------------------------------------------------------
 
 
-def _race_one(barrier, argv, hold_s, results):
-    """A child process: wait for the other, then run ``argv``, holding --out a while after the run starts."""
+def _race_one(barrier, constructed, finished, argv, results):
+    """A child process: wait for the other, then run ``argv``. Once its run has looked at --out, it
+    waits until the other run has looked too, or has ended: without a lock both then start on what
+    they saw (an empty directory), as two runs launched at the same moment do."""
     from steerkit.cli import main
     from steerkit.distributed import ShardedGeneration
 
-    begin = ShardedGeneration.begin
+    init = ShardedGeneration.__init__
 
-    def slow_begin(self, *args, **kwargs):
-        begin(self, *args, **kwargs)
-        time.sleep(hold_s)
+    def init_then_wait(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        with constructed.get_lock():
+            constructed.value += 1
+        deadline = time.monotonic() + 60
+        while constructed.value < 2 and not finished.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
-    ShardedGeneration.begin = slow_begin
+    ShardedGeneration.__init__ = init_then_wait
     err, out = StringIO(), StringIO()
     barrier.wait()
     with redirect_stderr(err), redirect_stdout(out):
         code = main(argv)
+    finished.set()
     results.put((argv[argv.index("--seed") + 1], os.getpid(), code, err.getvalue()))
 
 
@@ -367,12 +376,12 @@ def test_two_runs_started_together_into_one_out_never_mix(tiny_model_dir, tmp_pa
     out = tmp_path / "out"
     common = ["generate", "class0", "class1", "2", "--model", str(tiny_model_dir), *TINY, "--out", str(out)]
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(2), context.Queue()
-    children = [context.Process(target=_race_one, args=(barrier, [*common, "--seed", seed], 4.0, results))
-                for seed in ("0", "100")]
+    barrier, constructed, finished, results = context.Barrier(2), context.Value("i", 0), context.Event(), context.Queue()
+    children = [context.Process(target=_race_one, args=(barrier, constructed, finished, [*common, "--seed", seed],
+                                                        results)) for seed in ("0", "100")]
     for child in children:
         child.start()
-    outcomes = sorted(results.get(timeout=300) for _ in children)
+    outcomes = sorted(results.get(timeout=600) for _ in children)
     for child in children:
         child.join(timeout=60)
     codes = sorted(code for _, _, code, _ in outcomes)
