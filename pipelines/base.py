@@ -272,8 +272,10 @@ def steer(pipe: Any) -> Any:
         steered = _STEERED_CLASSES.get(cls)
         if steered is not None:
             return _quietly(steered.from_pipe, pipe)
-    supported = sorted(c.__name__ for c in _STEERED_CLASSES)
-    raise TypeError(f"steerkit has no adapter for {type(pipe).__name__}; supported pipelines: {supported}")
+    # No adapter: steer the stock loop from outside (it raises, naming what is missing, where it cannot).
+    from .generic import steer_generic
+
+    return steer_generic(pipe, adapters=sorted(c.__name__ for c in _STEERED_CLASSES))
 
 
 def _quietly(function, *args, **kwargs):
