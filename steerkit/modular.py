@@ -43,6 +43,7 @@ from diffusers.modular_pipelines.modular_pipeline import (
     LoopSequentialPipelineBlocks,
     ModularPipelineBlocks,
     PipelineState,
+    SequentialPipelineBlocks,
 )
 from diffusers.modular_pipelines.modular_pipeline_utils import InputParam, OutputParam
 
@@ -83,6 +84,16 @@ def _as_guidance(guidance: Any) -> Guidance:
     raise TypeError(f"guidance must be a steerkit Guidance, a number or a schedule dict, got {guidance!r}")
 
 
+def _asks_for_extra_branches(guidance: Guidance) -> bool:
+    """Whether ``guidance`` (or a guidance it wraps) runs extra model branches, as GFCG's reference class does."""
+    from .guidance import AdaptiveGuidance, CachedDeltaGuidance, DynamicGuidance
+
+    if isinstance(guidance, (AdaptiveGuidance, CachedDeltaGuidance, DynamicGuidance)):  # they only pass the question on
+        inner = (getattr(guidance, "base", None), getattr(guidance, "prior", None))
+        return any(_asks_for_extra_branches(g) for g in inner if isinstance(g, Guidance))
+    return type(guidance).extra_branches is not Guidance.extra_branches
+
+
 def _config_value(guidance: Guidance) -> Any:
     """A JSON form of ``guidance`` for the guider's config (schedules and CFG round-trip; others are described)."""
     if isinstance(guidance, Schedule):
@@ -120,6 +131,9 @@ class SteerkitGuider(BaseGuidance):
         with _quiet_diffusers():  # BaseGuidance logs "experimental feature" on every construction
             super().__init__(start, stop, enabled)
         self.guidance = _as_guidance(guidance)
+        if _asks_for_extra_branches(self.guidance):
+            raise NotImplementedError(f"{type(self.guidance).__name__} runs extra model branches, which the diffusers "
+                                      "guider contract (one batch per condition) cannot run; it needs an adapter")
         self.register_to_config(guidance=_config_value(self.guidance), start=start, stop=stop, enabled=enabled)
         self.scheduler = scheduler
         self.latents: torch.Tensor | None = None
@@ -180,9 +194,6 @@ class SteerkitGuider(BaseGuidance):
                     raise ValueError(f"SteerkitGuider: {error}; pass scheduler=pipe.scheduler, or use "
                                      "steerkit.modular.add_steering, whose loop blocks give it") from None
                 raise
-            if self.guidance.extra_branches(ctx, None, None):
-                raise NotImplementedError(f"{type(self.guidance).__name__} asks for extra model branches, which the "
-                                          "diffusers guider contract (one batch per condition) cannot run")
         mode, subset = _rows_needing_uncond(scale, rows)
         self._decision = (ctx, scale, mode, None if subset is None else subset.to(device))
 
@@ -258,23 +269,31 @@ class SteerkitGuider(BaseGuidance):
 # --- particle methods as loop blocks ---------------------------------------------------------------------------------
 
 
-class ModularDecoder:
-    """Decodes x̂0 for rewards with the pipeline's own decode block (output_type ``"pt"``: images in [0, 1])."""
+def _chain_inputs(chain: Sequence[Any]) -> list[str]:
+    names = []
+    for block in chain:
+        names += [p.name for p in block.inputs if p.name and p.name not in ("latents", "output_type") and p.name not in names]
+    return names
 
-    def __init__(self, decode_block: Any, components: Any, block_state: Any, input_names: Sequence[str]):
-        self.decode_block, self.components = decode_block, components
-        self.block_state, self.input_names = block_state, input_names
+
+class ModularDecoder:
+    """Decodes x̂0 for rewards with the pipeline's own blocks after the loop (unpacking, then the decode
+    step), at output_type ``"pt"``: images in [0, 1]."""
+
+    def __init__(self, chain: Sequence[Any], components: Any, block_state: Any):
+        self.chain, self.components, self.block_state = list(chain), components, block_state
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.decode_block is None:
-            raise NotImplementedError("add_steering found no 'decode' block to decode x̂0 with: pass decode_block=, "
-                                      "or use a reward with input_space='latents'")
+        if not self.chain:
+            raise NotImplementedError("add_steering found no blocks after the denoise loop to decode x̂0 with: pass "
+                                      "decode=[blocks], or use a reward with input_space='latents'")
         state = PipelineState()
-        for name in self.input_names:
+        for name in _chain_inputs(self.chain):
             state.set(name, getattr(self.block_state, name, None))
         state.set("latents", x0)
         state.set("output_type", "pt")
-        _, state = self.decode_block(self.components, state)
+        for block in self.chain:
+            _, state = block(self.components, state)
         images = state.get("images")
         return images if isinstance(images, torch.Tensor) else torch.stack(list(images))
 
@@ -282,18 +301,13 @@ class ModularDecoder:
 class _Session:
     """What the three blocks of one steered loop share; a new :class:`StockLoopSteering` per call."""
 
-    def __init__(self, hooks: Sequence[SteeringHook], num_particles: int, decode_block: Any):
-        self.hooks, self.num_particles, self.decode_block = list(hooks), num_particles, decode_block
+    def __init__(self, hooks: Sequence[SteeringHook], num_particles: int):
+        self.hooks, self.num_particles = list(hooks), num_particles
         self.driver: StockLoopSteering | None = None
         self.probe: DenoiserProbe | None = None
         self.adapter: ModularDecoder | None = None
 
-    def decode_inputs(self) -> list[str]:
-        if self.decode_block is None:
-            return []
-        return [p.name for p in self.decode_block.inputs if p.name and p.name not in ("latents", "output_type")]
-
-    def begin(self, components: Any, block_state: Any) -> None:
+    def begin(self, components: Any, block_state: Any, decode_chain: Sequence[Any]) -> None:
         self.end()  # a call that raised mid-loop left its probe attached
         k, latents = self.num_particles, block_state.latents
         modules = {name: getattr(components, name) for name in ("unet", "transformer", "transformer_2")
@@ -301,7 +315,7 @@ class _Session:
         self.probe = DenoiserProbe(modules, k, type(components).__name__)
         self.probe.attach()
         prompts = _group_prompts(getattr(block_state, "prompt", None), latents.shape[0], k)
-        self.adapter = ModularDecoder(self.decode_block, components, block_state, self.decode_inputs())
+        self.adapter = ModularDecoder(decode_chain, components, block_state)
         self.driver = StockLoopSteering(self.hooks, k, prompts, self.adapter, self.probe,
                                         guiders=[getattr(components, "guider", None)],
                                         scale_record=lambda i: _guider_record(components, i),
@@ -334,9 +348,9 @@ class SteeringLoopStart(ModularPipelineBlocks):
 
     model_name = None
 
-    def __init__(self, session: _Session):
+    def __init__(self, session: _Session, decode_chain: Sequence[Any]):
         super().__init__()
-        self.session = session
+        self.session, self.decode_chain = session, list(decode_chain)
 
     @property
     def description(self) -> str:
@@ -344,7 +358,8 @@ class SteeringLoopStart(ModularPipelineBlocks):
 
     @property
     def inputs(self) -> list[InputParam]:
-        return [InputParam("prompt"), *[InputParam(name) for name in self.session.decode_inputs()]]
+        names = [name for name in _chain_inputs(self.decode_chain) if name != "prompt"]
+        return [InputParam("prompt"), *[InputParam(name) for name in names]]
 
     @property
     def intermediate_outputs(self) -> list[OutputParam]:
@@ -353,7 +368,7 @@ class SteeringLoopStart(ModularPipelineBlocks):
     @torch.no_grad()
     def __call__(self, components, block_state, i: int, t):
         if i == 0:
-            self.session.begin(components, block_state)
+            self.session.begin(components, block_state, self.decode_chain)
             block_state.steering = None
         guider = getattr(components, "guider", None)
         if isinstance(guider, SteerkitGuider):
@@ -436,25 +451,35 @@ class SteeringLoopEnd(ModularPipelineBlocks):
         return components, block_state
 
 
-def _loops(blocks: Any) -> list[LoopSequentialPipelineBlocks]:
-    found, stack = [], [blocks]
-    while stack:
-        block = stack.pop()
-        if isinstance(block, LoopSequentialPipelineBlocks) and "after_denoiser" in block.sub_blocks:
-            found.append(block)
-        stack.extend((getattr(block, "sub_blocks", None) or {}).values())
+def _loops(root: Any) -> list[tuple[LoopSequentialPipelineBlocks, list[Any]]]:
+    """Every denoise loop under ``root``, with the blocks that run after it (its later siblings in each
+    sequential ancestor, innermost first: unpacking, then decoding)."""
+    found = []
+
+    def walk(block: Any, after: list[Any]) -> None:
+        if isinstance(block, LoopSequentialPipelineBlocks):
+            if "after_denoiser" in block.sub_blocks:
+                found.append((block, after))
+            return
+        children = list((getattr(block, "sub_blocks", None) or {}).values())
+        for j, child in enumerate(children):
+            later = children[j + 1:] if isinstance(block, SequentialPipelineBlocks) else []
+            walk(child, later + after)
+
+    walk(root, [])
     return found
 
 
 def add_steering(blocks: Any, hooks: SteeringHook | Sequence[SteeringHook] = (), num_particles: int = 1,
-                 decode_block: Any = None) -> Any:
+                 decode: Sequence[Any] | None = None) -> Any:
     """Insert steerkit's loop blocks into every denoise loop of ``blocks`` (in place); returns ``blocks``.
 
     Args:
         blocks: a modular pipeline's blocks (``StableDiffusionXLAutoBlocks()``) or a ``ModularPipeline``.
         hooks: steering methods (FK steering, best-of-N, ...).
         num_particles: ``K``; ask the pipeline for ``n × K`` images per prompt.
-        decode_block: how x̂0 is decoded for rewards that read pixels; default: the blocks' ``decode`` step.
+        decode: the blocks that turn x̂0 into images for rewards that read pixels; default: the
+            blocks that run after each loop (the family's unpacking and decode steps).
 
     Raises:
         ValueError: if ``blocks`` has no denoise loop with an ``after_denoiser`` step, or it was
@@ -466,24 +491,22 @@ def add_steering(blocks: Any, hooks: SteeringHook | Sequence[SteeringHook] = (),
             raise TypeError(f"hooks must be SteeringHook instances, got {type(hook).__name__}")
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be an integer ≥ 1, got {num_particles!r}")
-    root = getattr(blocks, "blocks", None) if not isinstance(blocks, ModularPipelineBlocks) else blocks
-    if root is None:
+    # A ModularPipeline's public ``blocks`` is a deep copy; its own blocks are ``_blocks``.
+    root = blocks if isinstance(blocks, ModularPipelineBlocks) else getattr(blocks, "_blocks", None)
+    if not isinstance(root, ModularPipelineBlocks):
         raise TypeError(f"add_steering needs modular pipeline blocks or a ModularPipeline, got {type(blocks).__name__}")
     loops = _loops(root)
     if not loops:
         raise ValueError(f"{type(root).__name__} has no denoise loop with an 'after_denoiser' step to steer")
-    if decode_block is None:
-        decode_block = (getattr(root, "sub_blocks", None) or {}).get("decode")
-    session = _Session(hooks, num_particles, decode_block)
-    for loop in loops:
+    session = _Session(hooks, num_particles)
+    for loop, after in loops:
         subs = loop.sub_blocks
         if isinstance(subs["after_denoiser"], ParticleStep):
             raise ValueError(f"{type(loop).__name__} is already steered")
-        steered = {"steerkit_start": SteeringLoopStart(session)}
+        steered = {"steerkit_start": SteeringLoopStart(session, after if decode is None else decode)}
         for name, block in subs.items():
             steered[name] = ParticleStep(block, session) if name == "after_denoiser" else block
         steered["steerkit_end"] = SteeringLoopEnd(session)
         subs.clear()
         subs.update(steered)
     return blocks
-

@@ -58,6 +58,18 @@ def _differs_within_groups(value: Any, rows: int, group: int) -> int | None:
     return None
 
 
+def _flatten(inputs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inputs nested in dicts (``added_cond_kwargs``) as ``"outer['inner']"`` entries."""
+    flat: dict[str, Any] = {}
+    for key, value in inputs.items():
+        name = f"{prefix}[{key!r}]" if prefix else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
 class DenoiserProbe:
     """Forward pre-hooks on the denoiser(s): NFE counting, and the shared-conditioning check.
 
@@ -107,7 +119,7 @@ class DenoiserProbe:
             if self.checking:
                 inputs = {f"argument {j}": v for j, v in enumerate(args[1:], start=1)}
                 inputs.update({k: v for k, v in kwargs.items() if args or k != latent_name})
-                self._check_shared(name, rows, inputs)
+                self._check_shared(name, rows, _flatten(inputs))
             return None
 
         return hook
@@ -123,8 +135,8 @@ class DenoiserProbe:
             if row is not None:
                 raise ValueError(
                     f"{self.owner} gives its {name} a per-row input {key!r} that differs between particles of one "
-                    f"prompt (row {row} vs row {row - row % k}): the generic path re-indexes only the latents when "
-                    "it resamples, so it cannot steer this call with num_particles > 1 (an adapter is needed)")
+                    f"prompt (row {row} vs row {row - row % k}): resampling moves only the latents and the solver's "
+                    "and guider's state, so steerkit cannot give this call num_particles > 1 (an adapter is needed)")
 
 
 def reindex_guider_state(guider: Any, index: torch.Tensor, rows: int) -> None:
