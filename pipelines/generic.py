@@ -80,6 +80,8 @@ class LoopProfile:
         toggles_uncond: an ``if self.do_classifier_free_guidance:`` in the loop guards a separate
             unconditional denoiser call, so switching guidance off on a step skips that call.
         guider_attributes: the guider components (``guider``, ``ocr_guider``, ...).
+        nested: the denoising loop sits in an outer loop (FreeInit iterations, ensembles); a call
+            that runs it more than once is refused when the second trajectory starts.
         reason: why the call cannot be steered at all (``steppable`` false).
     """
 
@@ -90,6 +92,7 @@ class LoopProfile:
     guidance: str = "none"
     toggles_uncond: bool = False
     guider_attributes: tuple[str, ...] = ()
+    nested: bool = False
     reason: str = ""
 
     @property
@@ -141,9 +144,7 @@ def _denoising_loop(tree: ast.AST) -> tuple[ast.AST | None, str]:
         return None, "its __call__ has no loop that calls self.scheduler.step"
     if len(innermost) > 1:
         return None, f"its __call__ has {len(innermost)} denoising loops (steerkit steers one)"
-    if len(loops) > 1:
-        return None, "its denoising loop is nested in another loop (several trajectories per call)"
-    return innermost[0], ""
+    return innermost[0], "nested" if len(loops) > 1 else ""
 
 
 @cache
@@ -159,6 +160,7 @@ def loop_profile(cls: type) -> LoopProfile:
     loop, reason = _denoising_loop(tree)
     if loop is None:
         return LoopProfile(name, False, reason=reason)
+    nested = reason == "nested"
     components = set(getattr(cls, "_optional_components", []) or [])
     init = inspect.signature(cls.__init__).parameters
     components |= {p for p in init if p != "self"}
@@ -185,7 +187,8 @@ def loop_profile(cls: type) -> LoopProfile:
     particle = next((p for p in parameters if _PARTICLE_ARGUMENT.match(p)), None)
     if not denoisers:
         return LoopProfile(name, False, reason="its denoising loop calls no denoiser component steerkit can find")
-    return LoopProfile(name, True, denoisers, particle, guidance, toggles and guidance in ("scale", "switch"), guiders)
+    return LoopProfile(name, True, denoisers, particle, guidance, toggles and guidance in ("scale", "switch"), guiders,
+                       nested)
 
 
 # --- decoding x̂0 for rewards ----------------------------------------------------------------------------------------
@@ -505,7 +508,8 @@ class _GenericCall:
         pipe = self.pipe
         scheduler = pipe.scheduler
         self.scheduler = scheduler
-        self._had = {name: name in vars(scheduler) for name in ("step", "set_timesteps")}
+        # The user's own instance attributes (a wrapper of theirs), restored afterwards.
+        self._saved = {name: vars(scheduler)[name] for name in ("step", "set_timesteps") if name in vars(scheduler)}
         original_step, original_set_timesteps = scheduler.step, scheduler.set_timesteps
         driver = self.driver
 
@@ -520,6 +524,10 @@ class _GenericCall:
 
         @wraps(original_set_timesteps)
         def set_timesteps(*args, **kwargs):
+            if driver.steps_done:
+                raise ValueError(f"{self.name} starts a second trajectory in one call (set_timesteps after "
+                                 f"{driver.steps_done} steps: FreeInit iterations, an ensemble, ...); the generic path "
+                                 "steers one trajectory per call (turn the outer iterations off, or use an adapter)")
             result = original_set_timesteps(*args, **kwargs)
             self.timesteps_set = True
             return result
@@ -536,9 +544,9 @@ class _GenericCall:
 
     def _uninstall(self, probe: DenoiserProbe) -> None:
         probe.detach()
-        for name, had in self._had.items():
-            if not had:
-                vars(self.scheduler).pop(name, None)
+        for name in ("step", "set_timesteps"):
+            vars(self.scheduler).pop(name, None)
+        vars(self.scheduler).update(self._saved)
         vars(self.pipe).pop("_steerkit_call", None)
         if self.guider is not None:
             for name, guider in self._stock_guiders.items():
@@ -571,7 +579,8 @@ class _GenericCall:
 
     def property_value(self, name: str, stock: Any) -> Any:
         """What the twin's ``guidance_scale`` / ``do_classifier_free_guidance`` return right now."""
-        if self.guidance is None or self.profile.guidance not in ("scale", "switch") or not self.timesteps_set:
+        if (self.guidance is None or self.profile.guidance not in ("scale", "switch") or not self.timesteps_set
+                or self.driver.steps_done >= self._num_steps()):  # before or after the loop: the stock value
             return stock
         scale = self._step_scale()
         if name == "guidance_scale":

@@ -282,13 +282,14 @@ class ModularDecoder:
 
     def __init__(self, chain: Sequence[Any], components: Any, block_state: Any):
         self.chain, self.components, self.block_state = list(chain), components, block_state
+        self.input_names = _chain_inputs(self.chain)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         if not self.chain:
             raise NotImplementedError("add_steering found no blocks after the denoise loop to decode x̂0 with: pass "
                                       "decode=[blocks], or use a reward with input_space='latents'")
         state = PipelineState()
-        for name in _chain_inputs(self.chain):
+        for name in self.input_names:
             state.set(name, getattr(self.block_state, name, None))
         state.set("latents", x0)
         state.set("output_type", "pt")
@@ -351,6 +352,8 @@ class SteeringLoopStart(ModularPipelineBlocks):
     def __init__(self, session: _Session, decode_chain: Sequence[Any]):
         super().__init__()
         self.session, self.decode_chain = session, list(decode_chain)
+        # Asked many times per call by the modular machinery: read the chain's inputs once.
+        self._input_names = ["prompt", *[name for name in _chain_inputs(self.decode_chain) if name != "prompt"]]
 
     @property
     def description(self) -> str:
@@ -358,8 +361,7 @@ class SteeringLoopStart(ModularPipelineBlocks):
 
     @property
     def inputs(self) -> list[InputParam]:
-        names = [name for name in _chain_inputs(self.decode_chain) if name != "prompt"]
-        return [InputParam("prompt"), *[InputParam(name) for name in names]]
+        return [InputParam(name) for name in self._input_names]
 
     @property
     def intermediate_outputs(self) -> list[OutputParam]:

@@ -212,6 +212,9 @@ class StockLoopSteering:
             self._start(sample, scheduler, step_kwargs, num_steps)
         elif rows != self.state.batch_size:
             raise ValueError(f"{self.owner}: scheduler.step saw {rows} rows at step {i}, {self.state.batch_size} before")
+        elif i >= self.num_steps:
+            raise ValueError(f"{self.owner} steps again after its {self.num_steps} steps (a second trajectory in one "
+                             "call: FreeInit iterations, an ensemble, ...); steerkit steers one trajectory per call")
         state = self.state
         state.latents = sample
         sigma = noise_level(scheduler, timestep)

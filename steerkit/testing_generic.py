@@ -22,6 +22,7 @@ __all__ = [
     "tiny_ltx",
     "tiny_lumina2",
     "tiny_modular_sdxl",
+    "quiet_progress_bars",
 ]
 
 
@@ -229,4 +230,16 @@ def tiny_modular_sdxl(scheduler=None, guider=None):
         modular.update_components(guider=guider if guider is not None else ClassifierFreeGuidance(guidance_scale=5.0))
     finally:
         diffusers_logging.set_verbosity(level)
+    quiet_progress_bars(modular)
     return modular, standard
+
+
+def quiet_progress_bars(modular) -> None:
+    """Turn off the progress bars of every block of a modular pipeline (its own
+    ``set_progress_bar_config`` reaches only the top-level blocks, not the loops inside them)."""
+    stack = [modular._blocks]
+    while stack:
+        block = stack.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        stack.extend((getattr(block, "sub_blocks", None) or {}).values())

@@ -135,6 +135,8 @@ def test_loop_profiles_read_from_the_stock_source():
         assert (profile.guidance, profile.toggles_uncond, profile.particle_argument) == (guidance, toggles, particles), name
     assert loop_profile(diffusers.HunyuanImagePipeline).guider_attributes == ("guider", "ocr_guider")
     assert loop_profile(diffusers.LTXPipeline).denoisers == ("transformer",)
+    # FreeInit's outer loop: steerable, and a call that runs a second trajectory is refused when it starts.
+    assert loop_profile(diffusers.AnimateDiffPipeline).nested and loop_profile(diffusers.AnimateDiffPipeline).steppable
     upsampler = loop_profile(diffusers.LTXLatentUpsamplePipeline)
     assert not upsampler.steppable and "scheduler.step" in upsampler.reason
 
@@ -274,10 +276,11 @@ class StepRecorder:
             self.guided.append(model_output.clone())
             return original(model_output, *args, **kwargs)
 
-        self.scheduler.step = step
+        self.scheduler.step = self.step = step
         self.handle = pipe.transformer.register_forward_hook(lambda m, a, out: self.outputs.append(out[0].clone()))
 
     def close(self):
+        assert vars(self.scheduler)["step"] is self.step  # a steered call puts back the user's own wrapper
         del self.scheduler.step
         self.handle.remove()
 

@@ -233,7 +233,7 @@ def modular_from_builder(family):
     standard = builder()
     pipe = getattr(diffusers, blocks_name)().init_pipeline()
     pipe.update_components(**{k: v for k, v in standard.components.items() if v is not None})
-    pipe.set_progress_bar_config(disable=True)
+    testing_generic.quiet_progress_bars(pipe)
     return pipe
 
 
