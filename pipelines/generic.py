@@ -344,12 +344,15 @@ def steer_generic(pipe: Any, adapters: list[str] | None = None) -> Any:
     """
     if isinstance(pipe, GenericSteeredMixin):
         return pipe
+    from diffusers import DiffusionPipeline
+
     cls = type(pipe)
+    missing = f"steerkit has no adapter for {cls.__name__}; supported pipelines: {adapters or []}"
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(f"{missing} (and it is not a diffusers pipeline)")
     profile = loop_profile(cls)
     if not profile.steppable:
-        known = f" (adapters: {adapters})" if adapters else ""
-        raise TypeError(f"steerkit has no adapter for {cls.__name__}{known}, and the generic path cannot steer it: "
-                        f"{profile.reason}")
+        raise TypeError(f"{missing}; and the generic path cannot steer it: {profile.reason}")
     if cls not in _TWINS:
         overrides = {name: _twin_property(name) for name in ("guidance_scale", "do_classifier_free_guidance")
                      if isinstance(inspect.getattr_static(cls, name, None), property)}
@@ -407,8 +410,6 @@ class _GenericCall:
                              "generator per particle row)")
         if k > 1 and call.get("latents") is not None:
             raise ValueError("latents: the generic path draws one initial latent per particle; pass latents=None")
-        if "output_type" not in call and any(getattr(h, "select_mode", "all") != "all" for h in self.hooks):
-            raise TypeError(f"{self.name}.__call__ has no output_type argument, so steerkit cannot select rows of its output")
         self._check_guidance()
         self._check_rewards()
 
@@ -450,14 +451,19 @@ class _GenericCall:
         return scale is None or float(scale) > 1.0
 
     def _check_rewards(self) -> None:
+        if _find_decoder(_stock_class(type(self.pipe))) is not None:
+            return
+        # Without a decoder, pixels come only from the stock call's own decode, at the end.
+        final_images = self.call.get("output_type") in ("pil", "np", "pt")
         for hook in self.hooks:
             reward = getattr(hook, "reward", None)
             if reward is None or getattr(reward, "input_space", "pixels") != "pixels":
                 continue
-            if hook.needs_x0 and _find_decoder(_stock_class(type(self.pipe))) is None:
+            if hook.needs_x0:
                 raise NotImplementedError(missing_decoder_message(self.name))
-            if self.call.get("output_type") == "latent" and _find_decoder(_stock_class(type(self.pipe))) is None:
-                raise NotImplementedError(f"output_type='latent': {missing_decoder_message(self.name)}")
+            if not final_images:
+                raise NotImplementedError(f"output_type={self.call.get('output_type')!r}: "
+                                          f"{missing_decoder_message(self.name)}")
 
     # --- the call ---------------------------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict[str, Any]):
@@ -654,6 +660,10 @@ def _select_rows(output: Any, rows: torch.Tensor, batch: int) -> Any:
             return [value[i] for i in index]
         return value
 
+    fields = list(output) if isinstance(output, tuple) else [output[key] for key in output.keys()]
+    if all(take(v) is v for v in fields):
+        raise ValueError(f"steerkit cannot select rows of this output: none of its fields has one row per particle "
+                         f"({batch}); use select='all'")
     if isinstance(output, tuple):
         return tuple(take(v) for v in output)
     for key in list(output.keys()):

@@ -149,7 +149,7 @@ def test_steer_falls_back_to_the_generic_path_and_names_what_is_missing():
     assert steerkit.steer(twin) is twin
     # A pipeline whose __call__ has no denoising loop cannot be steered; the error says why.
     upsampler = object.__new__(diffusers.LTXLatentUpsamplePipeline)
-    with pytest.raises(TypeError, match="no adapter for LTXLatentUpsamplePipeline.*no loop that calls self.scheduler.step"):
+    with pytest.raises(TypeError, match="no adapter for LTXLatentUpsamplePipeline; supported.*its __call__ has no loop"):
         steerkit.steer(upsampler)
     # Adapters still win where they exist.
     assert type(steerkit.steer(testing.tiny_stable_diffusion())).__name__ == "SteeredStableDiffusionPipeline"
@@ -404,6 +404,46 @@ def test_what_the_generic_path_cannot_do_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="doubled classifier-free-guidance batch"):
         generic_dit(class_labels=[0, 1], num_inference_steps=2, hooks=[SteeringHook()], output_type="np")
     assert "step" not in vars(dit.scheduler)
+
+
+class RepeatingPipeline(diffusers.DiffusionPipeline):
+    """A minimal pipeline of our own: a Linear "denoiser", DDIM, and an outer loop (as FreeInit has)."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, prompt="x", num_images_per_prompt=1, num_inference_steps=3, iterations=1, generator=None):
+        rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        latents = torch.randn(rows, 4, generator=generator)
+        for _ in range(iterations):
+            self.scheduler.set_timesteps(num_inference_steps)
+            for t in self.scheduler.timesteps:
+                latents = self.scheduler.step(self.unet(latents), t, latents, generator=generator).prev_sample
+        return (latents,)
+
+
+def test_a_pipeline_steerkit_has_never_seen():
+    """Any pipeline with one denoising loop steers; a second trajectory in one call is refused when it starts."""
+    torch.manual_seed(0)
+    pipe = RepeatingPipeline(torch.nn.Linear(4, 4), DDPMScheduler(num_train_timesteps=50))
+    profile = loop_profile(RepeatingPipeline)
+    assert (profile.steppable, profile.nested, profile.denoisers, profile.guidance) == (True, True, ("unet",), "none")
+    twin = steerkit.steer(pipe)
+    latent_reward = CallableReward(latent_mean, name="latent-mean", input_space="latents")
+    fk = FKSteering(latent_reward, lmbda=100.0, resample_at=[1])
+    out = twin(prompt=["a", "b"], generator=torch.Generator().manual_seed(0), hooks=[fk], num_particles=3)
+    assert out[0].shape == (2, 4) and out_rows_are_best(fk, out[0])
+    with pytest.raises(ValueError, match="second trajectory in one call"):
+        twin(prompt=["a", "b"], iterations=2, hooks=[BestOfN(latent_reward)], num_particles=3)
+    assert "step" not in vars(pipe.scheduler) and not pipe.unet._forward_pre_hooks
+
+
+def out_rows_are_best(fk, images):
+    rewards = fk.final_rewards.view(2, 3)
+    best = rewards.argmax(dim=1)
+    return torch.allclose(images.mean(dim=1).double(), rewards[torch.arange(2), best])
 
 
 class ImageMajorCogView4(diffusers.CogView4Pipeline):
