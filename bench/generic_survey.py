@@ -38,7 +38,7 @@ def pipeline_classes() -> list[type]:
 
 def survey() -> tuple[list[dict], Counter]:
     from steerkit.pipelines.base import _STEERED_CLASSES, _load_adapters
-    from steerkit.pipelines.generic import loop_profile
+    from steerkit.pipelines.generic import _find_decoder, loop_profile
 
     _load_adapters()
     rows, counts = [], Counter()
@@ -57,8 +57,9 @@ def survey() -> tuple[list[dict], Counter]:
         if path == "generic":
             counts[f"generic/{guidance}"] += 1
             counts["generic/particles" if loop_profile(cls).particle_argument else "generic/one particle"] += 1
+        decoder = "yes" if path == "adapter" or (path == "generic" and _find_decoder(cls) is not None) else ""
         rows.append({"pipeline": cls.__name__, "path": path, "guidance": guidance, "methods": methods,
-                     "tested": cls.__name__ in TESTED})
+                     "decoder": decoder if path != "refused" else "", "tested": cls.__name__ in TESTED})
     return rows, counts
 
 
@@ -81,11 +82,15 @@ def render(rows: list[dict], counts: Counter) -> str:
         f"step: {counts['generic/switch']}, stock guidance only: {counts['generic/none']})",
         f"- refused (no single denoising loop calling `scheduler.step`): {counts['refused']}",
         "",
-        "| pipeline | path | methods (or why refused) | tested |",
-        "|---|---|---|---|",
+        "An x̂0 decoder lets FK score intermediate steps with rewards that read pixels; without one FK takes",
+        "rewards with `input_space=\"latents\"` (or `register_decoder`), and best-of-N scores the stock images.",
+        "",
+        "| pipeline | path | methods (or why refused) | x̂0 decoder | tested |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['pipeline']} | {row['path']} | {row['methods']} | {'yes' if row['tested'] else ''} |")
+        lines.append(f"| {row['pipeline']} | {row['path']} | {row['methods']} | {row['decoder']} | "
+                     f"{'yes' if row['tested'] else ''} |")
     return "\n".join(lines) + "\n"
 
 

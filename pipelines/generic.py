@@ -20,6 +20,14 @@ and steers it through what every pipeline exposes:
   call, with everything it offers (schedules, σ-intervals, Adaptive Guidance per sample, cached Δ,
   LinearAG). Everything else is refused with an error naming what needs an adapter.
 
+**Selecting** (``select="best"``): the stock loop decodes every row it holds, and the pipeline's own
+decode is the one steerkit uses. The rewards need every particle's final image anyway (FK's terminal
+weights, best-of-N's choice), so decoding all rows once is the least work, the images scored are the
+images returned, and returning fewer rows from the last ``scheduler.step`` (so that the stock code
+decodes only those) would break pipelines whose code after the loop expects all of them. The call
+runs with ``output_type="pt"`` when a reward reads pixels; the kept rows are converted back to
+``"pil"``/``"np"`` with the image processor's own conversions.
+
 With steering off (no hooks, no guidance, one particle) the call *is* the stock call. The
 decision rests on :func:`loop_profile`, a reading of the stock ``__call__`` source (its denoising
 loop: which components it calls, what it re-reads each step), so it is made before anything runs.
@@ -284,7 +292,7 @@ class GenericSteeredMixin:
     """Mixed in front of a stock pipeline class: its call takes steering arguments (see the module docstring).
 
     Steering arguments (keyword only):
-        guidance: a :class:`~steerkit.guidance.Guidance` the pipeline can apply (see :attr:`profile`).
+        guidance: a :class:`~steerkit.guidance.Guidance` the pipeline can apply (see :attr:`steerkit_profile`).
         hooks: steering methods (FK, best-of-N, ...), applied in order each step.
         num_particles: particles per generated image (``K``).
 
@@ -293,7 +301,8 @@ class GenericSteeredMixin:
     """
 
     @property
-    def profile(self) -> LoopProfile:
+    def steerkit_profile(self) -> LoopProfile:
+        """What the generic path reads from this pipeline's stock loop (see :func:`loop_profile`)."""
         return loop_profile(_stock_class(type(self)))
 
     def __call__(self, *args, guidance: Guidance | None = None,

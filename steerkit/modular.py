@@ -290,13 +290,25 @@ class ModularDecoder:
                                       "decode=[blocks], or use a reward with input_space='latents'")
         state = PipelineState()
         for name in self.input_names:
-            state.set(name, getattr(self.block_state, name, None))
+            state.set(name, self._rows_for(name, getattr(self.block_state, name, None), x0.shape[0]))
         state.set("latents", x0)
         state.set("output_type", "pt")
         for block in self.chain:
             _, state = block(self.components, state)
         images = state.get("images")
         return images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+
+
+    def _rows_for(self, name: str, value: Any, rows: int) -> Any:
+        """A per-row input (FLUX.2's latent position ids) for ``rows`` latents instead of the loop's rows:
+        the same for every row, or the decode would pair latents with another row's inputs."""
+        loop_rows = self.block_state.latents.shape[0]
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] != loop_rows or rows == loop_rows:
+            return value
+        if not torch.equal(value, value[:1].expand_as(value)):
+            raise ValueError(f"cannot decode {rows} latents with the blocks after the loop: their input {name!r} "
+                             f"differs between the loop's {loop_rows} rows")
+        return value[:1].expand(rows, *value.shape[1:])
 
 
 class _Session:

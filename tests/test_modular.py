@@ -258,3 +258,15 @@ def test_other_modular_families(family):
     assert trace.total_nfe == STEPS * 2 * 4 and trace.steps[1].ancestors is not None
     # x̂0 went through the family's own blocks after the loop (unpacking, then decoding) for the reward.
     assert reward.seen[0].shape == (4, *out["images"].shape[1:])
+    # Every other guidance runs in this family's loop too (particles: FK above, with a schedule).
+    sigmas = [info.sigma for info in trace.steps]
+    for guidance, uncond_rows in [
+        (IntervalSchedule(4.0, sigma_low=sigmas[2] - 1e-3, sigma_high=sigmas[1] + 1e-3), [0, 4, 4]),
+        (CachedDeltaGuidance(4.0), [4, 0, 4]),
+        (AdaptiveGuidance(4.0, threshold=0.5), None),
+        (DynamicGuidance(CallableReward(brightness), candidates=(1.0, 3.0), prior=4.0), [4, 4, 4]),
+    ]:
+        pipe.update_components(guider=SteerkitGuider(guidance))
+        steps = run(num_images_per_prompt=2, output="steering").steps
+        if uncond_rows is not None:
+            assert [info.nfe.get("uncond", 0) for info in steps] == uncond_rows, type(guidance).__name__
