@@ -360,3 +360,76 @@ def test_fk_matches_the_tilted_target_and_renoising_does_not():
         (our_error, our_se), (their_error, their_se) = ours[statistic], theirs[statistic]
         gap = their_error.abs() - our_error.abs()
         assert (gap / (our_se**2 + their_se**2).sqrt()).max() > 5, (statistic, our_error.tolist(), their_error.tolist())
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-flow-sde")
+    testing.tiny_class_conditional(scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0)).save_pretrained(path)
+    return path
+
+
+def test_cli_fk_on_a_flow_model_defaults_to_the_sde_sampler(tiny_flow_dir, tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    common = ["generate", "class0", "--model", tiny_flow_dir, "--steps", "4", "--method", "fk", "--particles", "3",
+              "--reward", "brightness", "--lmbda", "50"]
+    code, _, stderr = run_cli([*common, "--out", tmp_path / "a"], capsys)
+    assert code == 0, stderr
+    resolved = json.loads((tmp_path / "a" / "run.json").read_text())["resolved"]
+    assert (resolved["scheduler"], resolved["scheduler_choice"]) == ("FlowMatchSDEScheduler", "flow-sde")
+    assert resolved["scheduler_config"]["noise_scale"] == 0.7 and resolved["scheduler_config"]["shift"] == 2.0
+    code, _, stderr = run_cli([*common, "--noise-scale", "1.3", "--out", tmp_path / "b"], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["resolved"]["scheduler_config"]["noise_scale"] == 1.3
+    code, _, stderr = run_cli([*common, "--noise-scale", "1.3", "--out", tmp_path / "c"], capsys)
+    assert code == 0, stderr  # the per-row generators make the noise, so a rerun is the same image
+    assert (tmp_path / "b" / "000-class0.png").read_bytes() == (tmp_path / "c" / "000-class0.png").read_bytes()
+    assert (tmp_path / "a" / "000-class0.png").read_bytes() != (tmp_path / "b" / "000-class0.png").read_bytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "fk", "--scheduler", "flow-euler", "--noise-scale", "1"], "--noise-scale applies to the flow-sde"),
+    (["--noise-scale", "1"], "not to the model's own sampler"),
+    (["--scheduler", "flow-sde", "--noise-scale", "-1"], "--noise-scale"),
+])
+def test_cli_noise_scale_errors(tiny_flow_dir, tmp_path, capsys, extra, message):
+    from conftest import run_cli
+
+    code, _, stderr = run_cli(["generate", "class0", "--model", tiny_flow_dir, "--steps", "2", *extra,
+                               "--out", tmp_path / "o"], capsys)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_cli_refuses_flow_sde_for_a_diffusion_model_and_fk_there_stays_ddpm(tiny_model_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    code, _, stderr = run_cli(["generate", "class0", "--model", tiny_model_dir, "--scheduler", "flow-sde",
+                               "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "does not fit" in stderr
+    code, _, stderr = run_cli(["generate", "class0", "--model", tiny_model_dir, "--method", "fk", "--noise-scale", "1",
+                               "--out", tmp_path / "p"], capsys)
+    assert code == 2 and "not to ddpm" in stderr
+
+
+def test_compare_fk_rows_use_the_sde_sampler_on_flow_models():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from steerkit.cli import _scheduler_for
+    from steerkit.compare import parse_method, run_comparison
+
+    pipe = steerkit.steer(testing.tiny_class_conditional(scheduler=FlowMatchEulerDiscreteScheduler(shift=2.0)))
+    pipe.set_progress_bar_config(disable=True)
+    record, _ = run_comparison(pipe, [parse_method("fk:2,5"), parse_method("cfg:2")], ["class0"], steps=3,
+                               reward="brightness")
+    choices = {m["name"]: (m["scheduler"], m["scheduler_choice"]) for m in record["methods"]}
+    assert choices["fk:2,5"] == ("FlowMatchSDEScheduler", "flow-sde") and choices["cfg:2"][1] is None
+    # A flow-sigma DPM-Solver (SANA ships one) keeps its shift when FK switches to flow-sde.
+    pipe.scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    scheduler, choice = _scheduler_for(pipe, None, "fk")
+    assert (type(scheduler), choice, scheduler.config.shift) == (FlowMatchSDEScheduler, "flow-sde", 3.0)
