@@ -168,7 +168,8 @@ def main(argv=None):
     parser.add_argument("--rewards", default="classifier,brightness", help=f"comma list of {sorted(REWARDS)}")
     parser.add_argument("--methods", default="best-of-k,fk-max,fk-difference",
                         help="comma list: best-of-k, fk-max, fk-difference, fk-difference-ess (adaptive "
-                             "resampling when ESS < τ·k, at the same scoring steps; fk-difference-ess:0.9 sets τ)")
+                             "resampling when ESS < τ·k, at the same scoring steps; fk-difference-ess:0.9 sets τ); "
+                             "METHOD@SAMPLER runs it with that one of --samplers only")
     parser.add_argument("--ess-threshold", type=float, default=0.5, help="τ of fk-difference-ess")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-sampling row")
     parser.add_argument("--frontier", type=int, default=0, metavar="N",
@@ -259,7 +260,14 @@ def main(argv=None):
                                               resample_at=at)
 
     methods["fk-difference-ess"] = gated(args.ess_threshold)
-    chosen = args.methods.split(",")
+    # "METHOD@SAMPLER" runs METHOD with that sampler only (e.g. best-of-k@sde:2.0 beside FK on every sampler).
+    only_with = {}
+    for entry in args.methods.split(","):
+        name, _, sampler = entry.partition("@")
+        if sampler and sampler not in samplers:
+            parser.error(f"{entry}: {sampler} is not one of --samplers {args.samplers}")
+        only_with[name] = sampler or None
+    chosen = list(only_with)
     for name in chosen:
         if name.startswith("fk-difference-ess:"):
             try:
@@ -283,6 +291,8 @@ def main(argv=None):
                         run(labelled("plain", sampler), reward_name, 1, [])
                     continue
                 for method in chosen:
+                    if only_with[method] not in (None, sampler):
+                        continue
                     run(labelled(method, sampler), reward_name, k, [methods[method](spec, lmbda)])
         if args.frontier:
             pipe.scheduler = flow_scheduler(base_config, samplers[0])  # the pool samples with the first sampler
@@ -291,6 +301,9 @@ def main(argv=None):
     for (reward_name, method, k), data in per_image.items():
         sampler = method.split(" @ ")[1] if several else None
         baseline_name = "best-of-k" if sampler is None else labelled("best-of-k", sampler)
+        if several and (reward_name, baseline_name, k) not in per_image:  # best-of-k ran with another sampler only
+            baseline_name = next((m for (r, m, kk) in per_image if r == reward_name and kk == k
+                                  and m.startswith("best-of-k @ ")), baseline_name)
         baseline = per_image.get((reward_name, baseline_name, k))
         if not (args.bootstrap and method.startswith("fk") and (baseline is not None or reward_name in pools)):
             continue
@@ -327,11 +340,12 @@ def main(argv=None):
                      f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} |")
     paired = [c for c in comparisons if "reward_gap" in c]
     if paired:
-        lines += ["", "| reward | method | k | Δ mean reward vs best-of-k [95% CI] | Δ diversity vs best-of-k [95% CI] |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| reward | method | k | baseline | Δ mean reward vs baseline [95% CI] | Δ diversity [95% CI] |",
+                  "|---|---|---|---|---|---|"]
         for c in paired:
             (rl, rh), (dl, dh) = c["reward_gap_ci"], c["diversity_gap_percent_ci"]
-            lines.append(f"| {c['reward']} | {c['method']} | {c['k']} | {c['reward_gap']:+.4f} [{rl:+.4f}, {rh:+.4f}] | "
+            lines.append(f"| {c['reward']} | {c['method']} | {c['k']} | {c['baseline']} | "
+                         f"{c['reward_gap']:+.4f} [{rl:+.4f}, {rh:+.4f}] | "
                          f"{c['diversity_gap_percent']:+.1f}% [{dl:+.1f}, {dh:+.1f}] |")
     if sampler_comparisons:
         lines += ["", f"| reward | method | k | Δ mean reward vs {samplers[0]} [95% CI] | Δ diversity [95% CI] |",

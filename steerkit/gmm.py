@@ -86,6 +86,24 @@ class GaussianMixture:
         log_weights = self.weights.log() + lmbda * self.means @ b + 0.5 * lmbda**2 * (self.stds**2 @ b**2)
         return GaussianMixture(torch.softmax(log_weights, 0), self.means + lmbda * self.stds**2 * b, self.stds)
 
+    def sample_errors(self, samples: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{statistic: (error, z)}`` of ``samples`` ``[N, D]`` against this mixture.
+
+        Statistics: ``"weights"`` (the mean responsibility of each mode, whose exact expectation is
+        ``w_k``), ``"mean"`` and ``"variance"`` (per dimension). ``z`` = error / standard error,
+        the standard error being the per-sample statistic's sample standard deviation over √N.
+        """
+        x = samples.to(torch.float64)
+        root_n = math.sqrt(len(x))
+        responsibilities = self.responsibilities(x)
+        squared = (x - x.mean(0)) ** 2
+        result = {}
+        for name, values, truth in [("weights", responsibilities, self.weights), ("mean", x, self.mean()),
+                                    ("variance", squared, self.variance())]:
+            error = values.mean(0) - truth
+            result[name] = (error, error / (values.std(0) / root_n))
+        return result
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` exact draws ``[n, D]`` (float64)."""
         components = torch.multinomial(self.weights, n, replacement=True, generator=generator)

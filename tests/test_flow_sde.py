@@ -81,15 +81,7 @@ def run(mixture, scheduler, prompts, particles, seed=0, steps=STEPS, hooks=()):
 
 def z_scores(samples: torch.Tensor, mixture: GaussianMixture) -> dict[str, torch.Tensor]:
     """(estimate − truth) / SE for the mode weights (mean responsibility), the mean and the variance."""
-    x = samples.double()
-    n = len(x)
-    responsibilities = mixture.responsibilities(x)
-    squared = (x - x.mean(0)) ** 2
-    return {
-        "weights": (responsibilities.mean(0) - mixture.weights) / (responsibilities.std(0) / math.sqrt(n)),
-        "mean": (x.mean(0) - mixture.mean()) / (x.std(0) / math.sqrt(n)),
-        "variance": (squared.mean(0) - mixture.variance()) / (squared.std(0) / math.sqrt(n)),
-    }
+    return {name: z for name, (_, z) in mixture.sample_errors(samples).items()}
 
 
 @pytest.fixture(scope="module")
@@ -322,8 +314,8 @@ def test_renoising_misses_the_mixture_and_the_sde_is_measurably_closer(plain_sam
     for statistic in ("weights", "mean"):
         assert (theirs[statistic].abs().max() - ours[statistic].abs().max()) > 10, statistic
     # The error in mode weight itself (not in SE units), for the report: SDE ≈ 0.003, re-noising ≈ 0.07.
-    error = {s: float((mixture.responsibilities(plain_samples["2d", s].double()).mean(0) - mixture.weights)
-                      .abs().max()) for s in ("sde", "renoising")}
+    error = {s: float(mixture.sample_errors(plain_samples["2d", s])["weights"][0].abs().max())
+             for s in ("sde", "renoising")}
     assert error["sde"] < 0.01 < 0.05 < error["renoising"], error
 
 
