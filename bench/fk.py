@@ -163,7 +163,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, default=200, help="images per method (balanced over classes)")
-    parser.add_argument("--ks", default="2,4,8")
+    parser.add_argument("--ks", default="2,4,8", help="particle counts (\"\": the plain-sampling rows only)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rewards", default="classifier,brightness", help=f"comma list of {sorted(REWARDS)}")
     parser.add_argument("--methods", default="best-of-k,fk-max,fk-difference",
@@ -283,7 +283,7 @@ def main(argv=None):
     for reward_name in args.rewards.split(","):
         spec, lmbda = REWARDS[reward_name]
         lmbda = lmbda if args.lmbda is None else args.lmbda
-        for k in [None] + [int(v) for v in args.ks.split(",")]:  # None: the plain-sampling rows
+        for k in [None] + [int(v) for v in args.ks.split(",") if v]:  # None: the plain-sampling rows
             for sampler in samplers:
                 pipe.scheduler = flow_scheduler(base_config, sampler)
                 if k is None:

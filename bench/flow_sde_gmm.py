@@ -11,8 +11,8 @@ its discretisation, or a wrong process. Samplers, each at 10, 20, 50 and 200 ste
 
 Reported per sampler: the largest error in a mode weight (mean responsibility; exact expectation
 w_k), the largest relative error in a per-dimension variance, and the largest |z| over the mode
-weights, the mean and the variance (z = error / standard error of N samples). Mixtures: the 2-D
-unequal-weight mixture of tests/test_flow_sde.py, and the same with modes 5× sharper.
+weights, the mean and the variance (z = error / standard error of N samples). Mixtures: the 1-D
+and 2-D unequal-weight mixtures of tests/test_flow_sde.py, and the 2-D one with modes 5× sharper.
 
     python bench/flow_sde_gmm.py --samples 100000
 """
@@ -33,6 +33,7 @@ from common import environment, write_result  # noqa: E402
 from steerkit.gmm import GaussianMixture  # noqa: E402
 
 MIXTURES = {
+    "1d": GaussianMixture.of([0.3, 0.7], [-2.0, 2.0], [[0.5], [0.5]]),
     "2d": GaussianMixture.of([0.2, 0.3, 0.5], [[-2.0, 0.0], [1.5, 2.0], [2.0, -1.5]],
                              [[0.3, 0.6], [0.5, 0.25], [0.4, 0.4]]),
     "2d-sharp": GaussianMixture.of([0.2, 0.3, 0.5], [[-2.0, 0.0], [1.5, 2.0], [2.0, -1.5]],
