@@ -25,7 +25,8 @@ dropped them, FK-Diffusion-Steering issue #12). With adaptive resampling each pr
 its own: prompts whose ESS is still high keep their weights and their particles.
 
 Resampling only helps if the transitions are stochastic (DDPM, DDIM η > 0, Euler-ancestral,
-SDE-DPM-Solver, stochastic flow sampling). With a deterministic sampler the copies of a particle
+SDE-DPM-Solver; for flow models :class:`steerkit.FlowMatchSDEScheduler`, which keeps the model's
+marginals, unlike FlowMatchEuler's ``stochastic_sampling=True``). With a deterministic sampler the copies of a particle
 stay identical, so FK warns once (``stochastic=`` overrides the detection).
 
 Weights are in log space (``weights.py``). Non-finite rewards give zero weight. A prompt whose
@@ -269,8 +270,9 @@ class FKSteering(_RewardHook):
             warnings.warn(
                 f"FK steering with a deterministic sampler ({type(run.scheduler).__name__}"
                 f"{'' if self.stochastic is None else ', stochastic=False'}): resampled particles stay identical "
-                "copies. Use a stochastic one (DDPM, DDIM with eta>0, Euler-ancestral, FlowMatchEuler with "
-                "stochastic_sampling=True), or pass stochastic=True if this one is.", UserWarning, stacklevel=2)
+                "copies. Use a stochastic one (DDPM, DDIM with eta>0, Euler-ancestral; flow models: "
+                "steerkit.FlowMatchSDEScheduler with noise_scale>0), or pass stochastic=True if this one is.",
+                UserWarning, stacklevel=2)
 
     def _reweight(self, state, rewards: torch.Tensor, terminal: bool) -> torch.Tensor:
         """Add this step's log-potential to the weights; returns which rewards were finite."""
