@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["TINY_OPEN_CLIP", "WORDS", "register_tiny_open_clip", "write_aesthetic_head", "write_clip_tokenizer", "write_hpsv2",
-           "write_imagereward", "write_pickscore"]
+__all__ = ["TINY_OPEN_CLIP", "WORDS", "register_tiny_open_clip", "tiny_reward_builders", "write_aesthetic_head",
+           "write_clip_tokenizer", "write_hpsv2", "write_imagereward", "write_pickscore"]
 
 TINY_OPEN_CLIP = "TinyCLIP768-steerkit"
 # A 768-d embedding, like ViT-L/14, so the real-size aesthetic head fits it.
@@ -168,3 +169,31 @@ def _save(state: dict, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save(state, path)
+
+
+def tiny_reward_builders(directory: str | Path) -> dict[str, Any]:
+    """``{registered name: build(device=None, dtype=None) -> Reward}`` for every built-in reward.
+
+    Hub rewards are built by their real loaders from tiny checkpoints written to ``directory``
+    (once, here); rewards without weights (and the bundled classifier) come from the registry.
+    For tests and benchmarks that need every reward offline.
+    """
+    from .aesthetic import load_aesthetic
+    from .clip import load_clip_score
+    from .hpsv2 import load_hpsv2
+    from .registry import available_rewards, get_reward
+
+    directory = Path(directory)
+    name = register_tiny_open_clip(directory / "open_clip")
+    hps, head = write_hpsv2(directory), write_aesthetic_head(directory)
+    pickscore, imagereward = write_pickscore(directory / "pickscore"), write_imagereward(directory / "imagereward")
+    builders: dict[str, Any] = {
+        "clip": lambda **o: load_clip_score(name + "/", **o),
+        "hpsv2": lambda **o: load_hpsv2(str(hps), model_name=name, **o),
+        "aesthetic": lambda **o: load_aesthetic(str(head), clip=name + "/", **o),
+        "pickscore": lambda **o: get_reward(f"pickscore:{pickscore}", **o),
+        "imagereward": lambda **o: get_reward(f"imagereward:{imagereward}", **o),
+    }
+    for reward in available_rewards():
+        builders.setdefault(reward, lambda n=reward, **o: get_reward(n, **o))
+    return builders

@@ -111,7 +111,7 @@ class _RewardHook(SteeringHook):
             rewards = score_latents(self.reward, self.row_prompts, self.run.adapter, latents, decoder,
                                     self.decode_batch, scale, noisy=noisy, **level)
         self.reward_calls += 1
-        self.images_scored += latents.shape[0]
+        self.images_scored += rewards.shape[0]
         return rewards.to(torch.float64).cpu()
 
     def _selection(self, state, final_rewards: torch.Tensor, final_log_weights: torch.Tensor) -> torch.Tensor | None:
