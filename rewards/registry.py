@@ -247,7 +247,10 @@ def _register_builtins() -> None:
             ("aesthetic", "aesthetic", "load_aesthetic", True),
             ("pickscore", "pickscore", "load_pickscore", True),
             ("hpsv2", "hpsv2", "load_hpsv2", True),
-            ("imagereward", "imagereward", "load_imagereward", True)):
+            ("imagereward", "imagereward", "load_imagereward", True),
+            ("hpsv3", "hpsv3", "load_hpsv3", True),
+            ("vlm", "vlm", "load_vqascore", False),
+            ("unifiedreward", "vlm", "load_unifiedreward", False)):
         register_reward(name, lazy(module, loader), differentiable=differentiable)
 
 _register_builtins()
