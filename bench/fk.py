@@ -7,7 +7,10 @@ bundled classifier's log-probability of the target class; (b) brightness (mean p
 model does not optimise by itself. Reported: mean final reward of the returned image, class accuracy,
 diversity (mean pairwise distance of classifier features within a class), Fréchet distance to the
 test set, and wall time (FK's reward and resampling overhead is relative to best-of-k, same NFEs).
-Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
+Wall time includes the reward (verifier) cost: every row reports the seconds spent in reward
+calls and x̂0 decodes and their share of the run, and a last table compares each FK row with
+best-of-k at equal wall-clock (best-of-k's reward interpolated in time between the measured k) as
+well as at equal NFEs. Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
 places each FK row on best-of-m's reward–diversity curve (m = 1..N), i.e. compares FK's diversity
 with what best-of-k keeps at FK's own mean reward.
 
@@ -131,6 +134,34 @@ def frontier_comparison(a: dict, pool: dict, labels: torch.Tensor, repeats: int)
             "draws_beyond_frontier": len(draws) - len(inside)}
 
 
+def equal_wall_clock(rows: list[dict]) -> list[dict]:
+    """Each FK row against best-of-k at the same wall time (reward cost included), and at the same NFEs.
+
+    Best-of-k's mean reward is interpolated linearly in wall time between the measured k (its
+    rows are the curve); an FK row slower than the largest measured best-of-k, or faster than the
+    smallest, is reported as beyond the curve (``None``). ``equivalent_k`` is the k best-of-k would
+    run in FK's time, interpolated the same way.
+    """
+    out = []
+    for reward in dict.fromkeys(r["reward"] for r in rows):
+        curve = sorted((r["seconds"], r["mean_reward"], r["k"]) for r in rows
+                       if r["reward"] == reward and r["method"] == "best-of-k")
+        by_k = {k: value for _, value, k in curve}
+        for r in rows:
+            if r["reward"] != reward or not r["method"].startswith("fk"):
+                continue
+            entry = {"reward": reward, "method": r["method"], "k": r["k"], "seconds": r["seconds"],
+                     "best_of_k_reward": None, "equivalent_k": None, "gap": None,
+                     "gap_equal_nfe": r["mean_reward"] - by_k[r["k"]] if r["k"] in by_k else None}
+            if len(curve) >= 2 and curve[0][0] <= r["seconds"] <= curve[-1][0]:
+                times = [c[0] for c in curve]
+                entry["best_of_k_reward"] = _interpolate(r["seconds"], times, [c[1] for c in curve])
+                entry["equivalent_k"] = _interpolate(r["seconds"], times, [float(c[2]) for c in curve])
+                entry["gap"] = r["mean_reward"] - entry["best_of_k_reward"]
+            out.append(entry)
+    return out
+
+
 def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     """Piecewise-linear y(x) through increasing xs (ties: the first)."""
     for i in range(1, len(xs)):
@@ -191,7 +222,10 @@ def main(argv=None):
         row = {"reward": reward_name, "method": method, "k": k, "mean_reward": float(reward.mean()),
                "accuracy": float((log_probs.argmax(1) == label_ids).float().mean()),
                "diversity": diversity(features, label_ids), "frechet": frechet_distance(features, test_features),
-               "nfe": out.steering.total_nfe, "seconds": round(seconds, 2)}
+               "nfe": out.steering.total_nfe, "seconds": round(seconds, 2),
+               # Reward and x̂0-decode time inside the call (FK's scoring steps and every final scoring).
+               "verifier_s": round(out.steering.verifier.seconds, 3),
+               "verifier_share": round(out.steering.verifier_share, 3)}
         rows.append(row)
         per_image[reward_name, method, k] = {"rewards": reward.float().cpu(), "features": features}
         print(json.dumps(row), flush=True)
@@ -264,14 +298,27 @@ def main(argv=None):
         print(json.dumps(gap), flush=True)
     frontiers = {name: dict(zip(("mean_reward", "diversity"), best_of_m_frontier(pool, label_ids)))
                  for name, pool in pools.items()}
+    equal_time = equal_wall_clock(rows)
     result = {"benchmark": "fk", "environment": environment(), "settings": vars(args),
               "lambda": {k: v[1] if args.lmbda is None else args.lmbda for k, v in REWARDS.items()}, "rows": rows,
-              "versus_best_of_k": comparisons, "best_of_m_frontier": frontiers}
+              "versus_best_of_k": comparisons, "best_of_m_frontier": frontiers,
+              "equal_wall_clock": equal_time}
     write_result(args.name or f"fk_{args.device}", result, args.out)
-    lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s | verifier s (share) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['reward']} | {r['method']} | {r['k']} | {r['mean_reward']:.4f} | {r['accuracy']:.3f} | "
-                     f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} |")
+                     f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} | "
+                     f"{r['verifier_s']} ({100 * r['verifier_share']:.0f}%) |")
+    if equal_time:
+        lines += ["", "| reward | method | k | wall s | best-of-k at equal wall-clock (k′) | Δ mean reward vs it | "
+                  "Δ vs best-of-k at equal NFEs |", "|---|---|---|---|---|---|---|"]
+        for e in equal_time:
+            matched = "beyond the measured best-of-k" if e["best_of_k_reward"] is None else \
+                f"{e['best_of_k_reward']:.4f} (k′ = {e['equivalent_k']:.2f})"
+            gap = "–" if e["gap"] is None else f"{e['gap']:+.4f}"
+            nfe_gap = "–" if e["gap_equal_nfe"] is None else f"{e['gap_equal_nfe']:+.4f}"
+            lines.append(f"| {e['reward']} | {e['method']} | {e['k']} | {e['seconds']} | {matched} | {gap} | {nfe_gap} |")
     paired = [c for c in comparisons if "reward_gap" in c]
     if paired:
         lines += ["", "| reward | method | k | Δ mean reward vs best-of-k [95% CI] | Δ diversity vs best-of-k [95% CI] |",
