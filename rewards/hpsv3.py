@@ -219,9 +219,16 @@ def load_hpsv3(spec: str = "", device: Any = None, dtype: torch.dtype | None = N
 
     ``dtype``: the backbone's (the reference runs bfloat16); the head stays float32.
     """
+    import transformers
     from transformers import AutoProcessor, Qwen2VLConfig
-    from transformers.initialization import no_init_weights
 
+    if not hasattr(transformers.Qwen2VLModel, "get_image_features"):
+        raise RuntimeError(f"reward 'hpsv3' needs the composite Qwen2-VL model of transformers >= 4.52 (vision tower "
+                           f"+ language model in Qwen2VLModel); this is transformers {transformers.__version__}")
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
     path = find_file("hpsv3", spec or None, ENV, REPO, FILE)
     if not path.endswith(".safetensors"):
         raise ValueError(f"reward 'hpsv3': the checkpoint must be .safetensors (as published), got {path!r}")

@@ -83,21 +83,13 @@ def test_env_var_pointing_nowhere_and_bad_versions_are_named(monkeypatch):
         get_reward("hpsv2:v3")
 
 
-def test_aesthetic_is_the_head_on_normalised_clip_embeddings(files, tmp_path, monkeypatch):
+def test_aesthetic_is_the_head_on_normalised_clip_embeddings(files, tmp_path, monkeypatch, torch_load_calls):
     head_path = tiny.write_aesthetic_head(tmp_path)
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
     reward = load_aesthetic(str(head_path), clip=files["open_clip"] + "/")
-    assert calls == [True]  # the .pth was read, and only with weights_only=True
+    assert torch_load_calls == [True]  # the .pth was read, and only with weights_only=True
     x = images()
     scores = chunked(reward, x, PROMPTS)
-    state = real_load(head_path, weights_only=True)
+    state = torch.load(head_path, weights_only=True)
     with torch.no_grad():
         embedding = F.normalize(reward.clip.model.encode_image(reward.preprocess(x)), dim=-1)
         hidden = embedding

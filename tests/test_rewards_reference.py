@@ -230,7 +230,8 @@ def _fake_hub_file(cache, repo, filename, write):
     write(snapshot / filename)
 
 
-def test_a_quickgelu_tag_loads_from_the_hub_cache_with_quickgelu(tiny_clip_name, tmp_path, monkeypatch):
+def test_a_quickgelu_tag_loads_from_the_hub_cache_with_quickgelu(tiny_clip_name, tmp_path, monkeypatch,
+                                                                  torch_load_calls):
     import huggingface_hub.constants
     from safetensors.torch import save_file
 
@@ -260,17 +261,10 @@ def test_a_quickgelu_tag_loads_from_the_hub_cache_with_quickgelu(tiny_clip_name,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "bin"))
     _fake_hub_file(tmp_path / "bin", "steerkit-test/tiny-openai", "open_clip_pytorch_model.bin",
                    lambda p: torch.save(trained.state_dict(), p))
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
+    torch_load_calls.clear()
     torch.testing.assert_close(get_reward(f"clip:{tiny_clip_name}/fakeopenai").score(x, PROMPTS), expected,
                                rtol=0, atol=1e-5)
-    assert calls == [True]
+    assert torch_load_calls == [True]
 
 
 def test_a_tag_published_only_as_a_url_is_refused(tiny_clip_name, monkeypatch):
