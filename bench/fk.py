@@ -9,8 +9,7 @@ diversity (mean pairwise distance of classifier features within a class), Fréch
 test set, and wall time (FK's reward and resampling overhead is relative to best-of-k, same NFEs).
 Wall time includes the reward (verifier) cost: every row reports the seconds spent in reward
 calls and x̂0 decodes and their share of the run, and a last table compares each FK row with
-best-of-k at equal wall-clock (best-of-k's reward interpolated in time between the measured k) as
-well as at equal NFEs. Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
+best-of-k at equal wall-clock (see ``equal_wall_clock``) as well as at equal NFEs. Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
 places each FK row on best-of-m's reward–diversity curve (m = 1..N), i.e. compares FK's diversity
 with what best-of-k keeps at FK's own mean reward.
 
@@ -137,28 +136,39 @@ def frontier_comparison(a: dict, pool: dict, labels: torch.Tensor, repeats: int)
 def equal_wall_clock(rows: list[dict]) -> list[dict]:
     """Each FK row against best-of-k at the same wall time (reward cost included), and at the same NFEs.
 
-    Best-of-k's mean reward is interpolated linearly in wall time between the measured k (its
-    rows are the curve); an FK row slower than the largest measured best-of-k, or faster than the
-    smallest, is reported as beyond the curve (``None``). ``equivalent_k`` is the k best-of-k would
-    run in FK's time, interpolated the same way.
+    Best-of-k's cost is linear in k (same model calls per particle), so its seconds per particle
+    ``a`` is fitted through the origin over the measured k, which averages out the noise of single
+    timings. An FK row's equal-time best-of-k then runs ``k′ = seconds / a`` particles, and its
+    reward is best-of-k's interpolated linearly in k between the measured k (``None`` outside).
+    ``k_from_verifier`` is the same from a less noisy estimate of FK's time: best-of-k's time at
+    the same k plus FK's extra reward and decode seconds (FK's only extra work besides resampling).
     """
     out = []
     for reward in dict.fromkeys(r["reward"] for r in rows):
-        curve = sorted((r["seconds"], r["mean_reward"], r["k"]) for r in rows
-                       if r["reward"] == reward and r["method"] == "best-of-k")
-        by_k = {k: value for _, value, k in curve}
+        best = sorted((r for r in rows if r["reward"] == reward and r["method"] == "best-of-k"), key=lambda r: r["k"])
+        if not best:
+            continue
+        per_particle = sum(r["seconds"] * r["k"] for r in best) / sum(r["k"] ** 2 for r in best)
+        ks, rewards = [float(r["k"]) for r in best], [r["mean_reward"] for r in best]
+        by_k = {r["k"]: r for r in best}
+
+        def at(k: float, ks: list[float] = ks, rewards: list[float] = rewards) -> float | None:
+            return _interpolate(k, ks, rewards) if len(ks) >= 2 and ks[0] <= k <= ks[-1] else None
+
         for r in rows:
             if r["reward"] != reward or not r["method"].startswith("fk"):
                 continue
-            entry = {"reward": reward, "method": r["method"], "k": r["k"], "seconds": r["seconds"],
-                     "best_of_k_reward": None, "equivalent_k": None, "gap": None,
-                     "gap_equal_nfe": r["mean_reward"] - by_k[r["k"]] if r["k"] in by_k else None}
-            if len(curve) >= 2 and curve[0][0] <= r["seconds"] <= curve[-1][0]:
-                times = [c[0] for c in curve]
-                entry["best_of_k_reward"] = _interpolate(r["seconds"], times, [c[1] for c in curve])
-                entry["equivalent_k"] = _interpolate(r["seconds"], times, [float(c[2]) for c in curve])
-                entry["gap"] = r["mean_reward"] - entry["best_of_k_reward"]
-            out.append(entry)
+            same = by_k.get(r["k"])
+            k_time = r["seconds"] / per_particle
+            k_verifier = None if same is None else r["k"] + (r["verifier_s"] - same["verifier_s"]) / per_particle
+            matched = at(k_time)
+            out.append({"reward": reward, "method": r["method"], "k": r["k"], "seconds": r["seconds"],
+                        "best_of_k_seconds_per_particle": per_particle, "equivalent_k": k_time,
+                        "best_of_k_reward": matched, "gap": None if matched is None else r["mean_reward"] - matched,
+                        "k_from_verifier": k_verifier,
+                        "gap_from_verifier": None if k_verifier is None or at(k_verifier) is None
+                        else r["mean_reward"] - at(k_verifier),
+                        "gap_equal_nfe": None if same is None else r["mean_reward"] - same["mean_reward"]})
     return out
 
 
@@ -311,14 +321,17 @@ def main(argv=None):
                      f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} | "
                      f"{r['verifier_s']} ({100 * r['verifier_share']:.0f}%) |")
     if equal_time:
-        lines += ["", "| reward | method | k | wall s | best-of-k at equal wall-clock (k′) | Δ mean reward vs it | "
-                  "Δ vs best-of-k at equal NFEs |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| reward | method | k | wall s | equal-time best-of-k′: k′ (Δ reward) | k′ from verifier time "
+                  "(Δ reward) | Δ reward vs best-of-k at equal NFEs |", "|---|---|---|---|---|---|---|"]
+
+        def pair(k, gap):
+            return "–" if k is None else f"{k:.2f} ({'beyond measured k' if gap is None else f'{gap:+.4f}'})"
+
         for e in equal_time:
-            matched = "beyond the measured best-of-k" if e["best_of_k_reward"] is None else \
-                f"{e['best_of_k_reward']:.4f} (k′ = {e['equivalent_k']:.2f})"
-            gap = "–" if e["gap"] is None else f"{e['gap']:+.4f}"
             nfe_gap = "–" if e["gap_equal_nfe"] is None else f"{e['gap_equal_nfe']:+.4f}"
-            lines.append(f"| {e['reward']} | {e['method']} | {e['k']} | {e['seconds']} | {matched} | {gap} | {nfe_gap} |")
+            lines.append(f"| {e['reward']} | {e['method']} | {e['k']} | {e['seconds']} | "
+                         f"{pair(e['equivalent_k'], e['gap'])} | {pair(e['k_from_verifier'], e['gap_from_verifier'])} | "
+                         f"{nfe_gap} |")
     paired = [c for c in comparisons if "reward_gap" in c]
     if paired:
         lines += ["", "| reward | method | k | Δ mean reward vs best-of-k [95% CI] | Δ diversity vs best-of-k [95% CI] |",
