@@ -86,6 +86,7 @@ def peak_memory(name: str, dtype: str, batch: int, size: int) -> float:
     the result is the new peak (VmHWM) minus the resident size before the build."""
     code = f"""
 import gc, sys, tempfile, torch
+torch.set_num_threads(1)
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from rewards import inputs
 from steerkit.rewards import tiny
@@ -115,8 +116,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--rewards", default=None, help="comma list (default: every registered reward)")
     parser.add_argument("--memory", action="store_true", help="peak RSS of a fresh process per reward and dtype")
     parser.add_argument("--full-size", action="store_true", help="add clip on a real-size ViT-B-32 (random weights)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: on a shared CPU, OpenMP spin-waiting makes 2 threads of tiny "
+                             "kernels far slower than 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)
     from steerkit.rewards import ModelReward, tiny
 
