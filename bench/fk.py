@@ -9,7 +9,9 @@ bundled classifier's log-probability of the target class; (b) brightness (mean p
 model does not optimise by itself. Reported: mean final reward of the returned image, class accuracy,
 diversity (mean pairwise distance of classifier features within a class), Fréchet distance to the
 test set, and wall time (FK's reward and resampling overhead is relative to best-of-k, same NFEs).
-Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
+Wall time includes the reward (verifier) cost: every row reports the seconds spent in reward
+calls and x̂0 decodes and their share of the run, and a last table compares each FK row with
+best-of-k at equal wall-clock (see ``equal_wall_clock``) as well as at equal NFEs. Best-of-k buys reward with diversity too; ``--frontier N`` samples N particles per prompt once and
 places each FK row on best-of-m's reward–diversity curve (m = 1..N), i.e. compares FK's diversity
 with what best-of-k keeps at FK's own mean reward.
 
@@ -149,6 +151,45 @@ def frontier_comparison(a: dict, pool: dict, labels: torch.Tensor, repeats: int)
             "draws_beyond_frontier": len(draws) - len(inside)}
 
 
+def equal_wall_clock(rows: list[dict]) -> list[dict]:
+    """Each FK row against best-of-k at the same wall time (reward cost included), and at the same NFEs.
+
+    Best-of-k's cost is linear in k (same model calls per particle), so its seconds per particle
+    ``a`` is fitted through the origin over the measured k, which averages out the noise of single
+    timings. An FK row's equal-time best-of-k then runs ``k′ = seconds / a`` particles, and its
+    reward is best-of-k's interpolated linearly in k between the measured k (``None`` outside).
+    ``k_from_verifier`` is the same from a less noisy estimate of FK's time: best-of-k's time at
+    the same k plus FK's extra reward and decode seconds (FK's only extra work besides resampling).
+    """
+    out = []
+    for reward in dict.fromkeys(r["reward"] for r in rows):
+        best = sorted((r for r in rows if r["reward"] == reward and r["method"] == "best-of-k"), key=lambda r: r["k"])
+        if not best:
+            continue
+        per_particle = sum(r["seconds"] * r["k"] for r in best) / sum(r["k"] ** 2 for r in best)
+        ks, rewards = [float(r["k"]) for r in best], [r["mean_reward"] for r in best]
+        by_k = {r["k"]: r for r in best}
+
+        def at(k: float, ks: list[float] = ks, rewards: list[float] = rewards) -> float | None:
+            return _interpolate(k, ks, rewards) if len(ks) >= 2 and ks[0] <= k <= ks[-1] else None
+
+        for r in rows:
+            if r["reward"] != reward or not r["method"].startswith("fk"):
+                continue
+            same = by_k.get(r["k"])
+            k_time = r["seconds"] / per_particle
+            k_verifier = None if same is None else r["k"] + (r["verifier_s"] - same["verifier_s"]) / per_particle
+            matched = at(k_time)
+            out.append({"reward": reward, "method": r["method"], "k": r["k"], "seconds": r["seconds"],
+                        "best_of_k_seconds_per_particle": per_particle, "equivalent_k": k_time,
+                        "best_of_k_reward": matched, "gap": None if matched is None else r["mean_reward"] - matched,
+                        "k_from_verifier": k_verifier,
+                        "gap_from_verifier": None if k_verifier is None or at(k_verifier) is None
+                        else r["mean_reward"] - at(k_verifier),
+                        "gap_equal_nfe": None if same is None else r["mean_reward"] - same["mean_reward"]})
+    return out
+
+
 def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     """Piecewise-linear y(x) through increasing xs (ties: the first)."""
     for i in range(1, len(xs)):
@@ -224,7 +265,10 @@ def main(argv=None):
         row = {"reward": reward_name, "method": method, "k": k, "mean_reward": float(reward.mean()),
                "accuracy": float((log_probs.argmax(1) == label_ids).float().mean()),
                "diversity": diversity(features, label_ids), "frechet": frechet_distance(features, test_features),
-               "nfe": out.steering.total_nfe, "seconds": round(seconds, 2)}
+               "nfe": out.steering.total_nfe, "seconds": round(seconds, 2),
+               # Reward and x̂0-decode time inside the call (FK's scoring steps and every final scoring).
+               "verifier_s": round(out.steering.verifier.seconds, 3),
+               "verifier_share": round(out.steering.verifier_share, 3)}
         rows.append(row)
         per_image[reward_name, method, k] = {"rewards": reward.float().cpu(), "features": features}
         print(json.dumps(row), flush=True)
@@ -329,15 +373,30 @@ def main(argv=None):
         print(json.dumps(gap), flush=True)
     frontiers = {name: dict(zip(("mean_reward", "diversity"), best_of_m_frontier(pool, label_ids)))
                  for name, pool in pools.items()}
+    equal_time = equal_wall_clock(rows)
     result = {"benchmark": "fk", "environment": environment(), "settings": vars(args),
               "lambda": {k: v[1] if args.lmbda is None else args.lmbda for k, v in REWARDS.items()}, "rows": rows,
               "versus_best_of_k": comparisons, "versus_first_sampler": sampler_comparisons,
-              "best_of_m_frontier": frontiers}
+              "best_of_m_frontier": frontiers, "equal_wall_clock": equal_time}
     write_result(args.name or f"fk_{args.device}", result, args.out)
-    lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reward | method | k | mean reward | accuracy | diversity | Fréchet | NFEs | wall s | verifier s (share) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['reward']} | {r['method']} | {r['k']} | {r['mean_reward']:.4f} | {r['accuracy']:.3f} | "
-                     f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} |")
+                     f"{r['diversity']:.3f} | {r['frechet']:.2f} | {r['nfe']} | {r['seconds']} | "
+                     f"{r['verifier_s']} ({100 * r['verifier_share']:.0f}%) |")
+    if equal_time:
+        lines += ["", "| reward | method | k | wall s | equal-time best-of-k′: k′ (Δ reward) | k′ from verifier time "
+                  "(Δ reward) | Δ reward vs best-of-k at equal NFEs |", "|---|---|---|---|---|---|---|"]
+
+        def pair(k, gap):
+            return "–" if k is None else f"{k:.2f} ({'beyond measured k' if gap is None else f'{gap:+.4f}'})"
+
+        for e in equal_time:
+            nfe_gap = "–" if e["gap_equal_nfe"] is None else f"{e['gap_equal_nfe']:+.4f}"
+            lines.append(f"| {e['reward']} | {e['method']} | {e['k']} | {e['seconds']} | "
+                         f"{pair(e['equivalent_k'], e['gap'])} | {pair(e['k_from_verifier'], e['gap_from_verifier'])} | "
+                         f"{nfe_gap} |")
     paired = [c for c in comparisons if "reward_gap" in c]
     if paired:
         lines += ["", "| reward | method | k | baseline | Δ mean reward vs baseline [95% CI] | Δ diversity [95% CI] |",
