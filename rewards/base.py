@@ -11,6 +11,8 @@ A reward subclass implements :meth:`Reward.__call__` on one chunk and declares:
   ``resolution`` must then be ``None``);
 - ``resolution``: the square size it wants (images are resized, antialiased, before the call), or
   ``None`` for any size;
+- ``differentiable``: whether gradients flow from the score to the input when the caller enables
+  them (``torch.enable_grad()``), which reward-gradient methods need;
 - ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches;
 - ``dtype``: the floating dtype its ``__call__`` receives (default float32: x̂0 of a half-precision
   pipeline is cast once here, not inside every reward); ``None`` passes inputs through as they are.
@@ -41,6 +43,7 @@ class Reward:
     resolution: int | None = None
     batch_size: int = 64
     dtype: torch.dtype | None = torch.float32
+    differentiable: bool = False
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
         """Rewards ``[b]`` of one chunk of at most :attr:`batch_size` images."""
@@ -158,6 +161,7 @@ class WeightedSum(Reward):
         self.name = _format_sum(self.terms)
         # The terms chunk and cast themselves; the sum only has to pass each of them whole batches.
         self.batch_size, self.dtype = 1 << 30, None
+        self.differentiable = all(getattr(r, "differentiable", False) for _, r in terms)
 
     def __call__(self, images, prompts):
         total = torch.zeros(images.shape[0], device=images.device)

@@ -41,6 +41,7 @@ class ClassifierReward(ModelReward):
 
     name = "classifier"
     batch_size = 512
+    differentiable = True
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], input_range: tuple[float, float] = (-1.0, 1.0),
                  resolution: int | None = None, channels: int | None = None, follow_device: bool = False,
@@ -54,7 +55,7 @@ class ClassifierReward(ModelReward):
         low, high = (float(v) for v in input_range)
         if not high > low:
             raise ValueError(f"classifier reward: input_range must be (low, high) with high > low, got {input_range!r}")
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
         self.low, self.high = low, high
         if channels not in (None, 1, 3):
             raise ValueError(f"classifier reward: channels must be None, 1 or 3, got {channels!r}")
@@ -83,7 +84,6 @@ class ClassifierReward(ModelReward):
                 raise ValueError(f"classifier reward: {prompt!r} is not one of its classes {self.class_names}")
         return torch.tensor(ids, dtype=torch.long)
 
-    @torch.no_grad()
     def class_log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """``log p(class | image)`` for every class, ``[B, num_classes]`` in :attr:`class_names` order.
 
@@ -108,7 +108,6 @@ class ClassifierReward(ModelReward):
             outputs.append(torch.log_softmax(logits.float(), dim=1))
         return torch.cat(outputs)
 
-    @torch.no_grad()
     def __call__(self, images, prompts):
         targets = self.class_ids(prompts)  # before the forward pass: bad prompts fail fast
         log_probs = self.class_log_probs(images)

@@ -40,6 +40,9 @@ class StepInfo:
         extras: method-specific values (ESS, rewards, reference classes, ...), filled by hooks.
         decoded_rows: x̂0 latents decoded for rewards this step (by every consumer together).
         reused_decoded_rows: x̂0 latents whose decoded images a consumer got from another's decode.
+        gradient_nfe: model evaluations this step that were also differentiated (a forward with its
+            graph kept plus a backward pass, several forwards' cost each), per branch; counted apart
+            from ``nfe``, which counts the no-grad forwards.
     """
 
     step: int
@@ -52,6 +55,7 @@ class StepInfo:
     extras: dict[str, Any] = field(default_factory=dict)
     decoded_rows: int = 0
     reused_decoded_rows: int = 0
+    gradient_nfe: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +81,18 @@ class RunTrace:
         return sum(self.nfe.values())
 
     @property
+    def gradient_nfe(self) -> dict[str, int]:
+        """Total differentiated model evaluations per branch (reward-gradient proposals), apart from :attr:`nfe`."""
+        total: Counter[str] = Counter()
+        for info in self.steps:
+            total.update(info.gradient_nfe)
+        return dict(total)
+
+    @property
+    def total_gradient_nfe(self) -> int:
+        return sum(self.gradient_nfe.values())
+
+    @property
     def model_calls(self) -> int:
         return sum(info.model_calls for info in self.steps)
 
@@ -100,6 +116,7 @@ class RunTrace:
             "num_particles": self.num_particles,
             "nfe": self.nfe,
             "total_nfe": self.total_nfe,
+            "gradient_nfe": self.gradient_nfe,
             "model_calls": self.model_calls,
             "decoded_rows": self.decoded_rows,
             "timings": self.timings,

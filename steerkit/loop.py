@@ -11,7 +11,9 @@ Per step:
 4. Let each hook look at the state; a hook may return ancestors, and then latents, the guided
    prediction, conditioning rows, stored statistics and the scheduler's solver history are all
    re-indexed together (before ``scheduler.step``, so the step continues the chosen particles).
-5. ``scheduler.step``.
+5. The stochastic step: ``scheduler.step``, or the run's :class:`~steerkit.protocols.Proposal`
+   (which a hook may bring; it sees the step before the hooks and adds its proposal ratio to the
+   log-weights).
 
 With one particle, constant CFG and no hooks this performs the same tensor operations, in the same
 order and batch layout, as the stock diffusers loops, so the output is bit-identical.
@@ -28,7 +30,15 @@ import torch
 from .diagnostics import RunTrace, StepInfo
 from .guidance import Guidance, StepContext
 from .guidance.base import BranchRequest
-from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook
+from .protocols import (
+    Conditioning,
+    DenoiserAdapter,
+    Proposal,
+    ProposalStep,
+    RunContext,
+    SteeringHook,
+    proposal_of,
+)
 from .schedulers import noise_level, predict_x0, reindex_scheduler_state
 from .state import ParticleState
 
@@ -144,6 +154,7 @@ def denoise(
     run: RunContext | None = None,
     callback: StepCallback | None = None,
     progress_bar: Any = None,
+    proposal: Proposal | None = None,
 ) -> tuple[ParticleState, RunTrace]:
     """Run the reverse process from ``state.latents`` over ``timesteps``.
 
@@ -164,6 +175,7 @@ def denoise(
             them themselves, before opening the progress bar, and pass ``None``).
         callback: ``callback(i, t, state)`` after each step; may return a replacement state.
         progress_bar: a tqdm-like object to ``update()`` once per step.
+        proposal: the stochastic step (default: the one a hook brings, else ``scheduler.step``).
 
     Returns:
         The final state (``latents`` are the clean samples) and the run's :class:`RunTrace`.
@@ -171,10 +183,14 @@ def denoise(
     step_kwargs = step_kwargs or {}
     trace = RunTrace(num_prompts=state.num_prompts, num_particles=state.num_particles)
     needs_x0 = any(hook.needs_x0 for hook in hooks)
+    explicit_proposal = proposal is not None
+    proposal = proposal_of(hooks, proposal)
     if run is not None:
         guidance.start_run(run, state)
         for hook in hooks:
             hook.start(run, state)
+        if explicit_proposal:  # a hook's proposal is started by its hook
+            proposal.start(run, state)
     started = time.perf_counter()
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
@@ -225,6 +241,8 @@ def denoise(
         )
         if needs_x0:
             state.x0_hat = predict_x0(scheduler, model_output, state.latents, t)
+        proposal.prepare(ProposalStep(ctx, state, model_output, scheduler, step_kwargs, info, adapter, conditioning,
+                                      max_batch))
         # Steering may re-weight and re-index every per-particle field together.
         for hook in hooks:
             ancestors = hook.on_step(ctx, state, info)
@@ -236,7 +254,8 @@ def denoise(
                 reindex_scheduler_state(scheduler, index, rows)
                 info.ancestors = index.tolist()
         info.decoded_rows, info.reused_decoded_rows = ctx.decoder.decoded_rows, ctx.decoder.reused_rows
-        state.latents = scheduler.step(model_output, t, state.latents, **step_kwargs, return_dict=False)[0]
+        state.latents = proposal.step(ProposalStep(ctx, state, model_output, scheduler, step_kwargs, info, adapter,
+                                                   conditioning, max_batch))
         trace.steps.append(info)
         if callback is not None:
             replaced = callback(i, t, state)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from steerkit.schedulers import is_stochastic
 
 from . import potentials
 from .resampling import get_resampler
+from .steps import check_steps, resolve_steps
 from .weights import effective_sample_size, log_mean_weight, normalize, sanitize_log_increment
 
 __all__ = ["SELECT", "BestOfN", "FKSteering"]
@@ -195,22 +195,7 @@ class FKSteering(_RewardHook):
     # --- when to score and resample ------------------------------------------------------------
     def _check_resample_at(self) -> None:
         """What can be checked before the number of steps is known (types, signs, fractions)."""
-        spec = self.resample_at
-        if spec is None or isinstance(spec, range):
-            return
-        if isinstance(spec, tuple) and len(spec) == 3 and all(_is_int(v) for v in spec):
-            start, stop, every = spec
-            if every < 1 or start < 0 or stop < start:
-                raise ValueError(f"resample_at (start, stop, every) needs 0 ≤ start ≤ stop and every ≥ 1, got {spec}")
-            return
-        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
-            raise ValueError(f"resample_at must be a list of steps or fractions, a range, or (start, stop, every); got {spec!r}")
-        for value in spec:
-            if _is_int(value):
-                if value < 0:
-                    raise ValueError(f"resample_at steps must be ≥ 0, got {value}")
-            elif not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < 1):
-                raise ValueError(f"resample_at entries are step indices or fractions in (0, 1), got {value!r}")
+        check_steps(self.resample_at, "resample_at")
 
     def scoring_steps(self, num_steps: int) -> list[int]:
         """The sorted loop indices at which FK scores particles, for a run of ``num_steps`` steps.
@@ -219,18 +204,7 @@ class FKSteering(_RewardHook):
             ValueError: if a step falls outside ``[0, num_steps)``.
         """
         spec = DEFAULT_RESAMPLE_AT if self.resample_at is None else self.resample_at
-        if isinstance(spec, range):
-            steps = list(spec)
-        elif isinstance(spec, tuple) and len(spec) == 3 and all(_is_int(v) for v in spec):
-            start, stop, every = (int(v) for v in spec)
-            steps = list(range(start, stop + 1, every))
-        else:
-            # A tiny epsilon so that 0.29·100 (= 28.999…) is step 29, not 28.
-            steps = [int(v) if _is_int(v) else math.floor(float(v) * num_steps + 1e-9) for v in spec]
-        bad = sorted({s for s in steps if not 0 <= s < num_steps})
-        if bad:
-            raise ValueError(f"resample_at steps {bad} are outside the trajectory [0, {num_steps})")
-        return sorted(set(steps))
+        return resolve_steps(spec, num_steps, "resample_at")
 
     # --- the hook ------------------------------------------------------------------------------
     def start(self, run: RunContext, state) -> None:
