@@ -248,3 +248,26 @@ def test_schedulers_without_a_gaussian_step_are_refused_before_sampling():
     with pytest.raises(ValueError, match="pass eta > 0"):
         call(ddim, [RewardGuidance("brightness")])
     assert call(ddim, [RewardGuidance("brightness", scale=10.0)], eta=1.0).steering.total_gradient_nfe > 0
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "dit", "class-conditional-flow"])
+def test_twisted_smc_and_reward_guidance_run_on_every_family(family):
+    from test_every_family import FAMILIES, PARTICLES, STEPS
+
+    factory, family_call, _ = FAMILIES[family]
+    pipe = steerkit.steer(factory())
+    pipe.set_progress_bar_config(disable=True)
+    twisted = TwistedSMC("brightness", lmbda=50.0, ess_threshold=None, resample_at=[1, 2])
+    out = pipe(**family_call, num_inference_steps=STEPS, num_particles=PARTICLES, hooks=[twisted],
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    rows = 2 * PARTICLES
+    assert out.images.shape[0] == 2 and torch.isfinite(out.images).all()
+    assert [step for step, _ in out.steering.resampling_events] == [1, 2]
+    # The gradient passes through each family's denoiser (both CFG branches where it runs them) and decoder.
+    assert out.steering.gradient_nfe["cond"] == 2 * rows
+    assert out.steering.gradient_nfe.get("uncond", 0) in (0, 2 * rows)
+    assert all(math.isfinite(w) for row in out.steering.extras["fk"]["final_weights"] for w in row)
+    guided = pipe(**family_call, num_inference_steps=STEPS, num_particles=1, output_type="pt",
+                  hooks=[RewardGuidance("brightness", scale=10.0, through="x0")],
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(guided.images).all() and guided.steering.extras["reward_guidance"]["gradient_steps"] > 0
