@@ -76,6 +76,11 @@ def main(argv=None):
     parser.add_argument("--denoiser-ks", default="2,4",
                         help="the k at which twisted SMC with gradients through the denoiser runs (it costs ≈ 3× more)")
     parser.add_argument("--wallclock", action="store_true", help="also compare at equal measured wall-clock")
+    parser.add_argument("--wallclock-rivals", default="fk,best-of-k,search",
+                        help="what runs at twisted SMC's wall-clock: fk, best-of-k (best-of-m), search")
+    parser.add_argument("--wallclock-variants", default="twisted-x0,twisted",
+                        help="the twisted variants whose wall-clock the rivals get")
+    parser.add_argument("--guided-ks", default="", help="the k at which guided best-of-k runs (guidance alone runs at k = 1)")
     parser.add_argument("--timing-prompts", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frontier", type=int, default=0, metavar="N")
@@ -91,6 +96,8 @@ def main(argv=None):
         parser.error(f"unknown methods or rewards: {unknown}")
     ks = [int(v) for v in args.ks.split(",")]
     denoiser_ks = {int(v) for v in args.denoiser_ks.split(",") if v}
+    guided_ks = {int(v) for v in args.guided_ks.split(",") if v}
+    rivals = args.wallclock_rivals.split(",")
 
     pipe = load_fashion_pipeline("fashion-ddpm", device=args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -154,8 +161,11 @@ def main(argv=None):
                                         guidance_scale=1.0, hooks=hooks_for(method, reward_name),
                                         generator=torch.Generator().manual_seed(0), output_type="latent")
                 chosen = [m for m in PARTICLE_METHODS if (m in methods or m in ("best-of-k", "fk"))
-                          and (m != "twisted" or k in denoiser_ks)]
-                times = interleaved_times({m: timed(m) for m in chosen}, args.repeats, warmup=1)
+                          and (m != "twisted" or k in denoiser_ks) and (m != "guided" or k in guided_ks)]
+                if k == ks[0]:  # one call of each method first: lazy loads are not a method's cost
+                    for m in chosen:
+                        timed(m)()
+                times = interleaved_times({m: timed(m) for m in chosen}, args.repeats, warmup=0)
                 for m, values in times.items():
                     seconds_per_image[reward_name, m, k] = median(values) / args.timing_prompts
                 result["timing"][f"{reward_name}/k={k}"] = {
@@ -172,7 +182,7 @@ def main(argv=None):
             run_particles(reward_name, "guided", 1, tag="guidance")
         for k in ks:
             for method in methods:
-                if method == "twisted" and k not in denoiser_ks:
+                if (method == "twisted" and k not in denoiser_ks) or (method == "guided" and k not in guided_ks):
                     continue
                 if method == "search":
                     run_search(reward_name, k, k)
@@ -180,11 +190,16 @@ def main(argv=None):
                     run_particles(reward_name, method, k)
             if not args.wallclock:
                 continue
-            for twisted in [m for m in ("twisted-x0", "twisted") if m in methods and (m != "twisted" or k in denoiser_ks)]:
+            for twisted in [m for m in args.wallclock_variants.split(",")
+                            if m in methods and (m != "twisted" or k in denoiser_ks)]:
                 budget = seconds_per_image[reward_name, twisted, k]
                 for rival in ("fk", "best-of-k"):
                     per_particle = seconds_per_image[reward_name, rival, k] / k
                     m = max(k, math.ceil(budget / per_particle - 1e-9))
+                    if rival == "best-of-k" and "search" in methods and "search" in rivals:
+                        run_search(reward_name, m, k, tag=f"search@{twisted}")
+                    if rival not in rivals:
+                        continue
                     tag = f"{rival}@{twisted}"
                     if (reward_name, rival, m) in per_image:  # already run at that count
                         per_image[reward_name, tag, k] = per_image[reward_name, rival, m]
@@ -197,8 +212,6 @@ def main(argv=None):
                                hooks=hooks_for(rival, reward_name), generator=generators, output_type="latent")
                     judge(reward_name, tag, k, out.images, time.perf_counter() - started,
                           out.steering.total_nfe // args.prompts, 0, {"particles": m})
-                    if rival == "best-of-k" and "search" in methods:
-                        run_search(reward_name, m, k, tag=f"search@{twisted}")
         if args.frontier:
             generators = particle_generators(args.device, args.seed_offset + 7_000_000, args.frontier,
                                              args.prompts * args.frontier)
