@@ -19,7 +19,10 @@ proposals (so the proposal ratio is 1 and the weights are the potentials alone):
     return the best particle per prompt (or a weighted draw, or all of them with their weights)
 
 Resampling happens before the scheduler step, so the step continues the chosen particles. The
-weighted particles then target ``p(x0 | c) · exp(λ r(x0, c))``, whatever the potential. Weights
+weighted particles then target ``p(x0 | c) · exp(λ r(x0, c))`` as K → ∞, whatever the potential; at
+practical K only the ``difference`` potential does (``max``, ``sum`` and ``immediate`` maximise the
+reward instead; see ``potentials.py``). A proposal other than the model's own (``proposals.py``)
+adds its ratio to the same weights. Weights
 accumulate across scoring steps that do not resample (the reference code's adaptive branch
 dropped them, FK-Diffusion-Steering issue #12). With adaptive resampling each prompt decides on
 its own: prompts whose ESS is still high keep their weights and their particles.
@@ -137,8 +140,9 @@ class FKSteering(_RewardHook):
             spread of rewards across particles of a few units resamples decisively; λ = 0 is plain
             sampling.
         potential: ``"difference"`` (default: in bench/fk's 500-prompt GPU table it beat best-of-k
-            at every k for both rewards, where ``"max"`` did not), ``"max"``, ``"sum"`` or ``"immediate"``
-            (see :mod:`~steerkit.smc.potentials`).
+            at every k for both rewards, where ``"max"`` did not; and the one that targets the tilt at
+            practical K), ``"max"``, ``"sum"`` or ``"immediate"`` (reward maximisers at practical K; see
+            :mod:`~steerkit.smc.potentials`).
         resampler: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"``, ``"residual"``,
             or a callable ``(log_weights [P, K], generator) -> local ancestors [P, K]``.
         resample_at: the scoring steps (0-based loop indices). A list of step indices, a list of
