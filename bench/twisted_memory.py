@@ -3,7 +3,9 @@
 fashion-ddpm, 20 DDPM steps, CFG 1, k particles for each of a few prompts, the bundled classifier as
 reward. Each setting runs in its own process, so its peak resident memory is its own: FK (no
 gradients), twisted SMC with gradients through x̂0, and through the denoiser with all rows
-differentiated at once or in chunks of ``gradient_batch`` rows. Reported per setting: the bytes
+differentiated at once, in chunks of ``gradient_batch`` rows, or with the UNet's own activation
+checkpointing (``unet.enable_gradient_checkpointing()``: diffusers uses it only while gradients
+are enabled, so the forward passes are untouched). Reported per setting: the bytes
 autograd kept for one backward pass (the largest over the steps; weights excluded, from the
 proposal's diagnostics), the process's peak RSS, the call's seconds, and the gradient NFEs.
 
@@ -27,7 +29,10 @@ SETTINGS = {
     "twisted, all rows": "TwistedSMC('classifier:fashion', lmbda=10.0)",
     "twisted, gradient_batch=8": "TwistedSMC('classifier:fashion', lmbda=10.0, gradient_batch=8)",
     "twisted, gradient_batch=2": "TwistedSMC('classifier:fashion', lmbda=10.0, gradient_batch=2)",
+    # diffusers' own activation checkpointing: it acts only when gradients are enabled, i.e. in the gradient pass.
+    "twisted, unet gradient checkpointing": "TwistedSMC('classifier:fashion', lmbda=10.0)",
 }
+SETUP = {"twisted, unet gradient checkpointing": "pipe.unet.enable_gradient_checkpointing()"}
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -36,6 +41,7 @@ from steerkit.zoo import load_fashion_pipeline
 device, k, prompts, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 pipe = load_fashion_pipeline("fashion-ddpm", device=device)
 pipe.set_progress_bar_config(disable=True)
+{setup}
 hook = {hook}
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -57,11 +63,14 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma list of the settings to run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rows = []
-    for name, hook in SETTINGS.items():
-        output = subprocess.run([sys.executable, "-c", CHILD.format(hook=hook), args.device, str(args.k),
+    for name in args.settings.split(","):
+        hook = SETTINGS[name]
+        child = CHILD.format(hook=hook, setup=SETUP.get(name, ""))
+        output = subprocess.run([sys.executable, "-c", child, args.device, str(args.k),
                                  str(args.prompts), str(args.steps)], capture_output=True, text=True, check=True)
         row = {"setting": name, **json.loads(output.stdout.strip().splitlines()[-1])}
         rows.append(row)
