@@ -81,7 +81,9 @@ def main(argv=None):
     parser.add_argument("--wallclock-variants", default="twisted-x0,twisted",
                         help="the twisted variants whose wall-clock the rivals get")
     parser.add_argument("--guided-ks", default="", help="the k at which guided best-of-k runs (guidance alone runs at k = 1)")
-    parser.add_argument("--timing-prompts", type=int, default=10)
+    parser.add_argument("--timing-prompts", type=int, default=10,
+                        help="prompts of the interleaved timing calls; 0: take each method's seconds from its own "
+                             "equal-NFE run instead (no extra calls; the runs of one k follow each other)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frontier", type=int, default=0, metavar="N")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -112,6 +114,7 @@ def main(argv=None):
     label_ids = torch.arange(args.prompts) % 10
     result = {"benchmark": "twisted", "environment": environment(), "settings": vars(args), "rows": [],
               "timing": {}, "comparisons": []}
+    seconds_per_image: dict[tuple[str, str, int], float] = {}
     per_image = {}
 
     def save():
@@ -137,7 +140,10 @@ def main(argv=None):
         out = pipe(class_labels=labels, num_particles=k, num_inference_steps=args.steps, guidance_scale=1.0,
                    hooks=hooks_for(method, reward_name) if method != "plain" else [], generator=generators,
                    output_type="latent")
-        judge(reward_name, tag or method, k, out.images, time.perf_counter() - started,
+        seconds = time.perf_counter() - started
+        if not args.timing_prompts:
+            seconds_per_image[reward_name, tag or method, k] = seconds / args.prompts
+        judge(reward_name, tag or method, k, out.images, seconds,
               out.steering.total_nfe // args.prompts, out.steering.total_gradient_nfe // args.prompts)
 
     def run_search(reward_name, candidates, k, tag="search"):
@@ -150,8 +156,7 @@ def main(argv=None):
               {"candidates": candidates, "rounds": [r["candidates"] for r in found.rounds]})
 
     # --- seconds per image of each method, interleaved ------------------------------------------------------
-    seconds_per_image: dict[tuple[str, str, int], float] = {}
-    if args.wallclock:
+    if args.wallclock and args.timing_prompts:
         timing_labels = [FASHION_CLASSES[i % 10] for i in range(args.timing_prompts)]
         for reward_name in args.rewards.split(","):
             spec, _ = REWARDS[reward_name]
