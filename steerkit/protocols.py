@@ -102,6 +102,8 @@ class SteeringHook:
     """
 
     needs_x0: bool = True
+    #: A :class:`Proposal` for the run's stochastic step, or ``None`` for the model's own.
+    proposal: Proposal | None = None
 
     def start(self, run: RunContext, state: ParticleState) -> None:
         pass

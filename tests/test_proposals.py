@@ -271,3 +271,15 @@ def test_twisted_smc_and_reward_guidance_run_on_every_family(family):
                   hooks=[RewardGuidance("brightness", scale=10.0, through="x0")],
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(guided.images).all() and guided.steering.extras["reward_guidance"]["gradient_steps"] > 0
+
+
+def test_per_row_guidance_scales_set_which_rows_differentiate_the_unconditional_branch(pipe):
+    from steerkit.guidance import DynamicGuidance
+
+    dynamic = DynamicGuidance(CallableReward(lambda images, prompts: -images.flatten(1).mean(1), name="dark"),
+                              candidates=(1.0, 3.0), prior=2.0)
+    out = call(pipe, [TwistedSMC("brightness", lmbda=20.0, ess_threshold=None)], particles=3, guidance=dynamic)
+    for info in out.steering.steps[:-1]:  # DDPM's last step takes no gradient
+        guided_rows = sum(scale != 1.0 for scale in info.guidance_scale)
+        assert info.gradient_nfe == {"cond": 6, **({"uncond": guided_rows} if guided_rows else {})}
+    assert any(0 < sum(s != 1.0 for s in info.guidance_scale) < 6 for info in out.steering.steps[:-1])
