@@ -169,10 +169,10 @@ CASES = {
     "edit-device-meta": ([*EDIT, "--device", "meta"], "meta tensors hold no values"),
     "generate-device-nonsense": ([*GEN, "--device", "gpu0"], "is not a torch device"),
     # Rewards whose weights are not on this machine.
-    "reward-clip": ([*GEN, "--method", "fk", "--reward", "clip"], "--reward 'clip': CLIP weights"),
-    "evaluator-clip": ([*GEN, "--dynamic-cfg", "1,2", "--evaluator", "clip"], "--evaluator 'clip': CLIP weights"),
-    "gfcg-classifier-clip": ([*GEN, "--gfcg", "2", "--gfcg-classifier", "clip"], "--gfcg-classifier 'clip': CLIP"),
-    "compare-reward-clip": ([*COMPARE, "--reward", "clip"], "--reward 'clip': CLIP weights"),
+    "reward-clip": ([*GEN, "--method", "fk", "--reward", "clip"], "--reward 'clip': reward 'clip': none of open_clip_model.safetensors"),
+    "evaluator-clip": ([*GEN, "--dynamic-cfg", "1,2", "--evaluator", "clip"], "--evaluator 'clip': reward 'clip': none of open_clip_model.safetensors"),
+    "gfcg-classifier-clip": ([*GEN, "--gfcg", "2", "--gfcg-classifier", "clip"], "--gfcg-classifier 'clip': reward 'clip': none of"),
+    "compare-reward-clip": ([*COMPARE, "--reward", "clip"], "--reward 'clip': reward 'clip': none of open_clip_model.safetensors"),
     # Rewards that do not exist or do not fit the model: refused before the run starts.
     "evaluator-unknown": ([*GEN, "--dynamic-cfg", "1,2", "--evaluator", "nosuch"], "unknown reward 'nosuch'"),
     "gfcg-classifier-unknown": ([*GEN, "--gfcg", "2", "--gfcg-classifier", "nosuch"], "unknown reward 'nosuch'"),
