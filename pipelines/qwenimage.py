@@ -34,12 +34,14 @@ MASK = "encoder_hidden_states_mask"
 
 
 class QwenImageGuidance(Guidance):
-    """Qwen-Image's true CFG: ``base``'s combination, rescaled per token to the conditional's norm.
+    """Qwen-Image's true CFG: ``base``'s guidance, then rescaled per token to the conditional's norm.
 
-    ``guided · ‖cond‖ / ‖guided‖`` over the channel axis of the packed latents, on the rows that ran
-    the unconditional branch (the others take the conditional prediction unchanged, as the stock
-    call does without CFG). Everything else (which rows run which branch, extra branches, per-row
-    state) is ``base``'s.
+    ``guided · ‖cond‖ / ‖guided‖`` over the channel axis of the packed latents, applied after every
+    term of ``base`` (its CFG combination, GFCG's push, an estimated step's cached update) on the
+    rows that guidance changed this step; the others keep the conditional prediction exactly, as the
+    stock call does without CFG. Tokens whose guided prediction is zero (CFG-Zero*'s first steps)
+    stay zero. Which rows run which branch, extra branches and per-row state are all ``base``'s.
+    Dynamic CFG scores its candidate scales before this rescale.
 
     Args:
         base: any steerkit guidance, or a number for constant CFG at that ``true_cfg_scale``.
@@ -66,16 +68,28 @@ class QwenImageGuidance(Guidance):
         return self.base.extra_branches(ctx, conditioning, guided)
 
     def combine(self, cond, uncond, scale, ctx, rows=None):
-        guided = self.base.combine(cond, uncond, scale, ctx, rows)
-        cond_norm = torch.norm(cond, dim=-1, keepdim=True)
-        guided_norm = torch.norm(guided, dim=-1, keepdim=True)
-        return guided * (cond_norm / guided_norm)
+        return self.base.combine(cond, uncond, scale, ctx, rows)
 
     def combine_extra(self, guided, predictions, rows, ctx):
-        return self.base.combine_extra(guided, predictions, rows, ctx)
+        guided = self.base.combine_extra(guided, predictions, rows, ctx)
+        cond = predictions["cond"]
+        changed = (guided != cond).flatten(1).any(dim=1)
+        if not bool(changed.any()):
+            return guided
+        if bool(changed.all()):
+            return _rescale_to(guided, cond)
+        index = changed.nonzero().flatten()
+        return guided.index_copy(0, index, _rescale_to(guided.index_select(0, index), cond.index_select(0, index)))
 
     def __repr__(self) -> str:
         return f"QwenImageGuidance({self.base!r})"
+
+
+def _rescale_to(guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """``guided`` with each token's norm set to ``cond``'s, in the stock pipeline's operation order."""
+    cond_norm = torch.norm(cond, dim=-1, keepdim=True)
+    guided_norm = torch.norm(guided, dim=-1, keepdim=True)
+    return torch.where(guided_norm > 0, guided * (cond_norm / guided_norm), guided)
 
 
 def qwenimage_guidance(guidance: Guidance) -> Guidance:

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                      help="sampler (default: the model's; a stochastic one for fk)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
+    gen.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--seed", type=int, default=0, help="base seed; row r uses seed + r")
     gen.add_argument("--max-batch", type=_positive_int, default=None, help="most rows per model call")
     gen.add_argument("--items-per-call", type=_positive_int, default=None,
@@ -291,13 +293,18 @@ def _scheduler_for(pipe, name: str | None, method: str):
     return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides), name
 
 
-def pipe_default_scale(pipe) -> float:
-    """The stock default ``guidance_scale`` of the pipeline's call."""
+def _stock_parameters(pipe) -> dict[str, Any]:
+    """The parameters of the stock pipeline's call."""
     import inspect
 
     from steerkit.pipelines.base import _stock_class
 
-    return inspect.signature(_stock_class(type(pipe)).__call__).parameters["guidance_scale"].default
+    return dict(inspect.signature(_stock_class(type(pipe)).__call__).parameters)
+
+
+def pipe_default_scale(pipe) -> float:
+    """The stock default ``guidance_scale`` of the pipeline's call."""
+    return _stock_parameters(pipe)["guidance_scale"].default
 
 
 def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any], str | None]:
@@ -420,6 +427,11 @@ def generate_command(args) -> dict[str, Any]:
     seeds = [args.seed + r for r in range(rows)]
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
                                 output_type="pil")
+    for side in ("height", "width"):
+        if getattr(args, side) is not None:
+            if side not in _stock_parameters(pipe):
+                raise CliError(f"--{side}: {type(pipe).__name__} takes no image size")
+            call[side] = getattr(args, side)
     prompt_key = "class_labels" if is_class_conditional else "prompt"
     guidance = None
     if isinstance(args.guidance, float):

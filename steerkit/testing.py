@@ -374,7 +374,7 @@ def tiny_flux2_klein(scheduler=None, is_distilled: bool = False):
     )
 
 
-def tiny_qwenimage(scheduler=None, guidance_embeds: bool = False):
+def tiny_qwenimage(scheduler=None):
     """A tiny ``QwenImagePipeline`` (Qwen2.5-VL text encoder, 3-D Wan-style VAE with ×4 compression:
     32×32 px → 8×8 latents → 16 packed tokens)."""
     from diffusers import (
@@ -388,7 +388,7 @@ def tiny_qwenimage(scheduler=None, guidance_embeds: bool = False):
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-        joint_attention_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(8, 4, 4),
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
     ).eval()
     torch.manual_seed(0)
     z_dim = 4
