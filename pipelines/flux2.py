@@ -85,7 +85,7 @@ class Flux2Adapter(Adapter):
 
     def encode_text(self, call: dict[str, Any], prompt: Any, prompt_embeds: torch.Tensor | None, rows: int):
         return self.pipe.encode_prompt(
-            prompt=prompt, prompt_embeds=prompt_embeds, device=self.pipe._execution_device, num_images_per_prompt=rows,
+            prompt=prompt, prompt_embeds=prompt_embeds, device=self.device, num_images_per_prompt=rows,
             max_sequence_length=call["max_sequence_length"], text_encoder_out_layers=call["text_encoder_out_layers"],
         )
 
@@ -105,7 +105,9 @@ class Flux2Adapter(Adapter):
         batch_size = prompt_batch_size(prompt, call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
         rows = batch_size * rows_per_prompt
-        device = pipe._execution_device
+        # Read once: the property walks every module of the pipeline (~10 ms on the tiny CPU models).
+        self.device = device = pipe._execution_device
+        self.model_dtype = pipe.transformer.dtype  # also a walk over the parameters: once, not per model call
         if call.get("caption_upsample_temperature"):
             prompt = pipe.upsample_prompt(prompt, images=call["image"], temperature=call["caption_upsample_temperature"],
                                           device=device)
@@ -179,14 +181,13 @@ class Flux2Adapter(Adapter):
 
     # --- per step -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        transformer = self.pipe.transformer
         self.pipe._current_timestep = t
         timestep = t.expand(x.shape[0]).to(x.dtype)
-        hidden = x.to(transformer.dtype)
+        hidden = x.to(self.model_dtype)
         image_latents = inputs.get("image_latents")
         if image_latents is not None:
-            hidden = torch.cat([x, image_latents.expand(x.shape[0], -1, -1)], dim=1).to(transformer.dtype)
-        prediction = transformer(
+            hidden = torch.cat([x, image_latents.expand(x.shape[0], -1, -1)], dim=1).to(self.model_dtype)
+        prediction = self.pipe.transformer(
             hidden_states=hidden,
             timestep=timestep / 1000,
             guidance=inputs.get("guidance"),

@@ -73,6 +73,8 @@ class QwenImageGuidance(Guidance):
     def combine_extra(self, guided, predictions, rows, ctx):
         guided = self.base.combine_extra(guided, predictions, rows, ctx)
         cond = predictions["cond"]
+        if "uncond" in rows and rows["uncond"] is None:  # every row was guided: stock CFG's case
+            return _rescale_to(guided, cond)
         changed = (guided != cond).flatten(1).any(dim=1)
         if not bool(changed.any()):
             return guided
@@ -114,7 +116,7 @@ class QwenImageAdapter(Adapter):
     def encode_text(self, prompt: Any, prompt_embeds: torch.Tensor | None, mask: torch.Tensor | None, rows: int):
         """Embeddings and a padding mask (all ones where the stock call passes none)."""
         embeds, mask = self.pipe.encode_prompt(
-            prompt=prompt, prompt_embeds=prompt_embeds, prompt_embeds_mask=mask, device=self.pipe._execution_device,
+            prompt=prompt, prompt_embeds=prompt_embeds, prompt_embeds_mask=mask, device=self.device,
             num_images_per_prompt=rows, max_sequence_length=self.call["max_sequence_length"],
         )
         if mask is None:
@@ -139,7 +141,7 @@ class QwenImageAdapter(Adapter):
                             current_timestep=None, interrupt=False)
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
-        device = pipe._execution_device
+        self.device = device = pipe._execution_device  # read once: it walks every module
         cond = self.encode_text(call["prompt"], call["prompt_embeds"], call["prompt_embeds_mask"], rows_per_prompt)
         uncond = None
         if guidance.needs_uncond:
