@@ -268,9 +268,10 @@ class Flux2KleinAdapter(Flux2Adapter):
         negative = [""] * len(call["prompt"]) if isinstance(call["prompt"], list) else ""
         embeds, text_ids = self.encode_text(call, negative, call["negative_prompt_embeds"], rows)
         count = embeds.shape[0]
-        if count not in (1, batch_size * rows):
-            # One negative for several prompts: the stock call broadcasts a single row and fails on
-            # more; every prompt's rows get a copy here.
+        if count != batch_size * rows:
+            # One negative for several prompts (the empty prompt, when the call gives prompt_embeds):
+            # the stock call broadcasts a single row (the same numbers as a copy per row) and fails on
+            # more; every row gets a copy here, so row subsets and chunks see one per row.
             if count != rows:
                 raise ValueError(f"negative_prompt_embeds has {count // rows} row(s) for {batch_size} prompts: give "
                                  "one per prompt, or one for all")

@@ -226,10 +226,15 @@ def test_klein_prompt_embeddings_with_the_default_empty_negative_and_particles()
     prompts (and fails when it must repeat it); here every row gets it, so particles work too."""
     embeds = _embeds("klein")["prompt_embeds"]
     kwargs = call_args("klein", prompt=None, prompt_embeds=embeds, output_type="pt")
-    assert torch.equal(steered("klein")(**kwargs, generator=generator(4)).images,
-                       stock("klein")(**kwargs, generator=generator(4)).images)
+    expected = stock("klein")(**kwargs, generator=generator(4)).images
+    assert torch.equal(steered("klein")(**kwargs, generator=generator(4)).images, expected)
     out = steered("klein")(**kwargs, num_particles=2, generator=generator(4))
     assert out.images.shape[0] == 4 and out.steering.nfe["uncond"] == 3 * 4
+    chunked = steered("klein")(**kwargs, max_batch=1, generator=generator(4))
+    assert chunked.steering.model_calls == 3 * 2 * 2  # steps × branches × one row per call
+    torch.testing.assert_close(chunked.images, expected, rtol=0, atol=1e-5)  # GEMMs differ by batch size
+    with pytest.raises(ValueError, match="negative_prompt_embeds has 3 row"):
+        steered("klein")(**kwargs, negative_prompt_embeds=torch.cat([embeds, embeds[:1]]))
 
 
 class ScaledAttention:
