@@ -52,6 +52,30 @@ def check_latent_rows(latents: torch.Tensor, rows: int, num_particles: int) -> N
         )
 
 
+def check_image_size(pipe: Any, images: torch.Tensor) -> None:
+    """Images to encode must tile into the packed latents' 2×2 patches."""
+    multiple = pipe.vae_scale_factor * 2
+    if images.shape[-1] % multiple or images.shape[-2] % multiple:
+        raise ValueError(f"image height and width must be multiples of {multiple}, got {list(images.shape[-2:])}")
+
+
+def unit_images(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1] → float32 images in [0, 1] (for rewards)."""
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+
+def finish_stock(adapter: Adapter, latents: torch.Tensor, call: dict[str, Any], vae_decode: Any, output_class: type):
+    """End a call as these stock pipelines do: clear ``current_timestep``, then return ``latents`` as
+    they are for ``output_type="latent"``, else ``vae_decode(latents)`` post-processed."""
+    pipe = adapter.pipe
+    pipe._current_timestep = None
+    if call["output_type"] == "latent":
+        image = latents
+    else:
+        image = pipe.image_processor.postprocess(vae_decode(latents), output_type=call["output_type"])
+    return adapter.stock_output(call, output_class, images=image)
+
+
 def refuse_cfg(guidance: Guidance, model: str, reason: str) -> None:
     """A guidance-distilled model has no unconditional branch: name the method and what to use instead."""
     if guidance.needs_uncond:
@@ -214,30 +238,23 @@ class Flux2Adapter(Adapter):
         return self.pipe._unpack_latents_with_ids(latents, ids)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        image = vae.decode(self.vae_latents(x0).to(vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return unit_images(self.vae_decode(self.vae_latents(x0).to(self.pipe.vae.dtype)))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         pipe = self.pipe
-        multiple = pipe.vae_scale_factor * 2
-        if images.shape[-1] % multiple or images.shape[-2] % multiple:
-            raise ValueError(f"image height and width must be multiples of {multiple}, got {list(images.shape[-2:])}")
+        check_image_size(pipe, images)
         latents = pipe._encode_vae_image((images * 2 - 1).to(pipe.vae.dtype), generator=None)
         return pipe._pack_latents(latents)
 
     def finish(self, latents: torch.Tensor, call: dict[str, Any]):
-        pipe = self.pipe
-        pipe._current_timestep = None
-        if call["output_type"] == "latent":
-            image = latents
-        else:
-            from diffusers.utils.torch_utils import get_module_execution_device
+        return finish_stock(self, latents, call, lambda packed: self.vae_decode(self.vae_latents(packed)),
+                            Flux2PipelineOutput)
 
-            image = pipe.vae.decode(self.vae_latents(latents).to(get_module_execution_device(pipe.vae)),
-                                    return_dict=False)[0]
-            image = pipe.image_processor.postprocess(image, output_type=call["output_type"])
-        return self.stock_output(call, Flux2PipelineOutput, images=image)
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        vae = self.pipe.vae
+        return vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
 
 
 
@@ -283,17 +300,8 @@ class Flux2KleinAdapter(Flux2Adapter):
         return self.pipe._unpack_latents_with_ids(latents, ids, int(self.height) // grid, int(self.width) // grid)
 
     def finish(self, latents: torch.Tensor, call: dict[str, Any]):
-        pipe = self.pipe
-        pipe._current_timestep = None
-        latents = self.vae_latents(latents)  # klein de-normalises even the latents it returns
-        if call["output_type"] == "latent":
-            image = latents
-        else:
-            from diffusers.utils.torch_utils import get_module_execution_device
-
-            image = pipe.vae.decode(latents.to(get_module_execution_device(pipe.vae)), return_dict=False)[0]
-            image = pipe.image_processor.postprocess(image, output_type=call["output_type"])
-        return self.stock_output(call, Flux2PipelineOutput, images=image)
+        # klein de-normalises even the latents it returns
+        return finish_stock(self, self.vae_latents(latents), call, self.vae_decode, Flux2PipelineOutput)
 
 
 class SteeredFlux2Pipeline(SteeredMixin, Flux2Pipeline):

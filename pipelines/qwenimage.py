@@ -27,7 +27,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from steerkit.guidance import ClassifierFreeGuidance, Guidance
 
 from .base import Adapter, Conditioning, Prepared, SteeredMixin
-from .flux2 import check_latent_rows, set_call_properties
+from .flux2 import check_image_size, check_latent_rows, finish_stock, set_call_properties, unit_images
 from .stable_diffusion import group_prompts, prompt_batch_size
 
 MASK = "encoder_hidden_states_mask"
@@ -216,14 +216,11 @@ class QwenImageAdapter(Adapter):
         return latents / inverse_std + mean
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        image = self.pipe.vae.decode(self.vae_latents(x0), return_dict=False)[0][:, :, 0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return unit_images(self.vae_decode(x0))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         pipe = self.pipe
-        multiple = pipe.vae_scale_factor * 2
-        if images.shape[-1] % multiple or images.shape[-2] % multiple:
-            raise ValueError(f"image height and width must be multiples of {multiple}, got {list(images.shape[-2:])}")
+        check_image_size(pipe, images)
         pixels = (images * 2 - 1).to(pipe.vae.dtype)[:, :, None]
         latents = pipe.vae.encode(pixels).latent_dist.mode()
         mean, inverse_std = self.latent_statistics(latents)
@@ -232,14 +229,11 @@ class QwenImageAdapter(Adapter):
         return pipe._pack_latents(latents, batch, channels, height, width)
 
     def finish(self, latents: torch.Tensor, call: dict[str, Any]):
-        pipe = self.pipe
-        pipe._current_timestep = None
-        if call["output_type"] == "latent":
-            image = latents
-        else:
-            image = pipe.vae.decode(self.vae_latents(latents), return_dict=False)[0][:, :, 0]
-            image = pipe.image_processor.postprocess(image, output_type=call["output_type"])
-        return self.stock_output(call, QwenImagePipelineOutput, images=image)
+        return finish_stock(self, latents, call, self.vae_decode, QwenImagePipelineOutput)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents → the VAE's output for the one frame, in [-1, 1]."""
+        return self.pipe.vae.decode(self.vae_latents(latents), return_dict=False)[0][:, :, 0]
 
 
 class SteeredQwenImagePipeline(SteeredMixin, QwenImagePipeline):
