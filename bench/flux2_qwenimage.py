@@ -75,8 +75,13 @@ def measure(family: str, args) -> dict:
     steered = steerkit.steer(stock)
     steered.set_progress_bar_config(disable=True)
     _, call, noise_shape = FAMILIES[family]
-    call = dict(prompt="a red cube", num_inference_steps=args.steps, output_type="pt", **call,
+    call = dict(prompt="a red cube", num_inference_steps=args.steps, output_type="pt",
+                **{**call, "height": call["height"] * args.scale, "width": call["width"] * args.scale},
                 **text_layer_arguments(family, args.text_layers))
+    # One row of starting noise: FLUX.2 takes it patchified (C, H, W), Qwen-Image packed (tokens, C).
+    s = args.scale
+    noise_shape = (noise_shape[0] * s * s, noise_shape[1]) if family == "qwenimage" else (
+        noise_shape[0], noise_shape[1] * s, noise_shape[2] * s)
 
     def run_stock():
         return stock(**call, generator=torch.Generator().manual_seed(0)).images
@@ -110,7 +115,8 @@ def measure(family: str, args) -> dict:
         "text_encoder_layers": len(text_decoder(stock).layers),
         "transformer_parameters": sum(p.numel() for p in stock.transformer.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in stock.text_encoder.parameters()),
-        "image_tokens": int(noise_shape[-1] * noise_shape[-2]) if family != "qwenimage" else noise_shape[0],
+        "image_tokens": noise_shape[0] if family == "qwenimage" else noise_shape[1] * noise_shape[2],
+        "image_size_px": call["height"],
         "overhead": {"stock_median_s": median(overhead["stock"]), "steerkit_median_s": median(overhead["steerkit"]),
                      "stock_range_s": [min(overhead["stock"]), max(overhead["stock"])],
                      "steerkit_range_s": [min(overhead["steerkit"]), max(overhead["steerkit"])],
@@ -134,6 +140,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--text-layers", type=int, default=None,
                         help="keep only this many text-encoder layers (FLUX.2 families), and read the last three")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="image side × this (1: the test sizes, 16 px FLUX.2 / 32 px Qwen-Image)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,7 +156,7 @@ def main(argv=None) -> dict:
               f"max |diff| {p['max_abs_difference']:.1e}) | encode_prompt {row['encode_prompt_s']*1e3:.1f} ms", flush=True)
     result = {"benchmark": "flux2_qwenimage", "environment": environment(), "settings": vars(args), "families": rows,
               "targets": "overhead ratio <= 1.03 with equal outputs; particles throughput >= 3 on CPU"}
-    suffix = "" if args.text_layers is None else f"_text{args.text_layers}"
+    suffix = ("" if args.text_layers is None else f"_text{args.text_layers}") + ("" if args.scale == 1 else f"_x{args.scale}")
     path = write_result(f"flux2_qwenimage_cpu{suffix}", result, args.out)
     print(f"-> {path}")
     return result

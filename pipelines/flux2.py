@@ -96,7 +96,7 @@ class Flux2Adapter(Adapter):
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
         return ClassifierFreeGuidance(1.0)
 
-    def check_guidance(self, guidance: Guidance, call: dict[str, Any]) -> None:
+    def check_guidance(self, guidance: Guidance) -> None:
         refuse_cfg(guidance, "FLUX.2 dev", "is guidance-distilled (guidance_scale is a model input) and takes no "
                    "negative prompt")
 
@@ -122,7 +122,7 @@ class Flux2Adapter(Adapter):
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
         self.check_inputs(call)
-        self.check_guidance(guidance, call)
+        self.check_guidance(guidance)
         set_call_properties(pipe, guidance_scale=call["guidance_scale"], attention_kwargs=call["attention_kwargs"],
                             current_timestep=None, interrupt=False)
         prompt = call["prompt"]
@@ -266,7 +266,7 @@ class Flux2KleinAdapter(Flux2Adapter):
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
         return ClassifierFreeGuidance(1.0 if self.pipe.config.is_distilled else call["guidance_scale"])
 
-    def check_guidance(self, guidance: Guidance, call: dict[str, Any]) -> None:
+    def check_guidance(self, guidance: Guidance) -> None:
         if self.pipe.config.is_distilled:
             refuse_cfg(guidance, "FLUX.2 klein with is_distilled=True", "is step-distilled and runs no CFG")
 

@@ -455,7 +455,7 @@ def test_qwenimage_cfg_methods_need_a_negative_prompt():
         steered("qwenimage")(**call_args("qwenimage", negative_prompt=None), guidance=LinearSchedule(1.0, 4.0))
 
 
-@pytest.mark.parametrize("family", ["flux2", "klein", "qwenimage"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_flowopt_inverts_and_edits(family):
     from steerkit.flowopt import edit, invert
 
@@ -466,7 +466,7 @@ def test_flowopt_inverts_and_edits(family):
     extra = {"guidance_scale": 3.5} if family == "flux2" else {}
     result = invert(pipe, images, prompt=PROMPTS, num_inference_steps=4, iterations=3, **size, **extra)
     assert sum(result.loss[-1]) < sum(result.loss[0]) and result.nfe > 0
-    target_guidance = {"flux2": None, "klein": 3.0, "qwenimage": QwenImageGuidance(3.0)}[family]
+    target_guidance = {"flux2": None, "klein": 3.0, "klein-distilled": None, "qwenimage": QwenImageGuidance(3.0)}[family]
     target = {"prompt": ["a green cube", "a blue cat"]}
     if family == "qwenimage":
         target["negative_prompt"] = NEGATIVES
