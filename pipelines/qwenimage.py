@@ -91,6 +91,7 @@ def _rescale_to(guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """``guided`` with each token's norm set to ``cond``'s, in the stock pipeline's operation order."""
     cond_norm = torch.norm(cond, dim=-1, keepdim=True)
     guided_norm = torch.norm(guided, dim=-1, keepdim=True)
+    # A zero token (CFG-Zero*'s first steps) stays zero instead of 0 · ∞.
     return torch.where(guided_norm > 0, guided * (cond_norm / guided_norm), guided)
 
 
