@@ -95,11 +95,6 @@ def _rescale_to(guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     return torch.where(guided_norm > 0, guided * (cond_norm / guided_norm), guided)
 
 
-def qwenimage_guidance(guidance: Guidance) -> Guidance:
-    """``guidance`` under Qwen-Image's rule (unchanged if it already is)."""
-    return guidance if isinstance(guidance, QwenImageGuidance) else QwenImageGuidance(guidance)
-
-
 class QwenImageAdapter(Adapter):
     """Qwen-Image: two calls per guided step (cond, then negative), norm-preserving true CFG."""
 
@@ -113,6 +108,11 @@ class QwenImageAdapter(Adapter):
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
         return QwenImageGuidance(call["true_cfg_scale"] if self.has_negative(call) else 1.0)
+
+    @staticmethod
+    def family_guidance(guidance: Guidance) -> Guidance:
+        """A guidance the caller passed, under Qwen-Image's rule (unchanged if it already is)."""
+        return guidance if isinstance(guidance, QwenImageGuidance) else QwenImageGuidance(guidance)
 
     def encode_text(self, prompt: Any, prompt_embeds: torch.Tensor | None, mask: torch.Tensor | None, rows: int):
         """Embeddings and a padding mask (all ones where the stock call passes none)."""
@@ -246,6 +246,7 @@ class SteeredQwenImagePipeline(SteeredMixin, QwenImagePipeline):
     adapter_class = QwenImageAdapter
 
     def __call__(self, *args, guidance: Guidance | None = None, **kwargs):
+        # The shared call wrapper has no hook for a family's guidance rule yet; this is that hook.
         if isinstance(guidance, Guidance):
-            guidance = qwenimage_guidance(guidance)
+            guidance = self.adapter_class.family_guidance(guidance)
         return super().__call__(*args, guidance=guidance, **kwargs)

@@ -129,6 +129,22 @@ def test_steering_off_is_stock_on_a_fresh_pipeline_and_after_a_stock_call(family
     assert first.steering.model_calls == 3 * (2 if guided else 1)  # cond and uncond in separate calls, as stock
 
 
+@pytest.mark.parametrize("family", ["flux2", "klein", "qwenimage"])
+@pytest.mark.parametrize("variant", ["no-dynamic-shift", "stochastic"])
+def test_steering_off_is_stock_with_other_flow_schedulers(family, variant):
+    """Without dynamic shifting the schedulers ignore ``mu``; with stochastic sampling the stock loop draws
+    its step noise from the global RNG, and so does the steered one, draw for draw."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if variant == "no-dynamic-shift" else stochastic(family)
+    pipe = FAMILIES[family][0](scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    steered_pipe = steerkit.steer(pipe)
+    kwargs = call_args(family, output_type="pt")
+    torch.manual_seed(0)
+    expected = pipe(**kwargs, generator=generator(0)).images
+    torch.manual_seed(0)
+    assert torch.equal(steered_pipe(**kwargs, generator=generator(0)).images, expected)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_particles_without_hooks_are_the_stock_images_per_prompt(family):
     kwargs = call_args(family, output_type="pt")
