@@ -31,16 +31,8 @@ from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
 
 from steerkit.guidance import ClassifierFreeGuidance, Guidance
 
-from .base import Adapter, Conditioning, Prepared, SteeredMixin
+from .base import Adapter, Conditioning, PipelineCFG, Prepared, SteeredMixin
 from .stable_diffusion import group_prompts, prompt_batch_size
-
-
-def set_call_properties(pipe: Any, **values: Any) -> None:
-    """Set the stock call's read-only properties (``pipe.guidance_scale``, ``pipe.attention_kwargs``,
-    ``pipe.num_timesteps``, ...) as the stock ``__call__`` does, so that callbacks and attention
-    processors that read them see the values of this call."""
-    for name, value in values.items():
-        setattr(pipe, f"_{name}", value)
 
 
 def check_latent_rows(latents: torch.Tensor, rows: int, num_particles: int) -> None:
@@ -65,10 +57,9 @@ def unit_images(decoded: torch.Tensor) -> torch.Tensor:
 
 
 def finish_stock(adapter: Adapter, latents: torch.Tensor, call: dict[str, Any], vae_decode: Any, output_class: type):
-    """End a call as these stock pipelines do: clear ``current_timestep``, then return ``latents`` as
-    they are for ``output_type="latent"``, else ``vae_decode(latents)`` post-processed."""
+    """End a call as these stock pipelines do: ``latents`` as they are for ``output_type="latent"``,
+    else ``vae_decode(latents)`` post-processed."""
     pipe = adapter.pipe
-    pipe._current_timestep = None
     if call["output_type"] == "latent":
         image = latents
     else:
@@ -86,12 +77,25 @@ def refuse_cfg(guidance: Guidance, model: str, reason: str) -> None:
         )
 
 
+class KleinCFG(PipelineCFG):
+    """FLUX.2 klein's true CFG as its stock loop runs it: on while ``pipe.do_classifier_free_guidance``
+    (``pipe._guidance_scale > 1`` and not distilled, read every step), at the scale the call was given
+    (the loop combines with its local ``guidance_scale``, not the property)."""
+
+    def _current_scale(self) -> float:
+        return float(self.guidance_scale)
+
+
 class Flux2Adapter(Adapter):
     """FLUX.2 dev: the embedded guidance is a per-row input; no unconditional branch."""
 
     pipeline_class = Flux2Pipeline
     branch_order = ("cond", "uncond")
     batch_branches = False
+    callback_tensors = {"prompt_embeds": ("encoder_hidden_states", "cond")}
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_attention_kwargs": call["attention_kwargs"]}
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
         return ClassifierFreeGuidance(1.0)
@@ -123,8 +127,6 @@ class Flux2Adapter(Adapter):
         pipe = self.pipe
         self.check_inputs(call)
         self.check_guidance(guidance)
-        set_call_properties(pipe, guidance_scale=call["guidance_scale"], attention_kwargs=call["attention_kwargs"],
-                            current_timestep=None, interrupt=False)
         prompt = call["prompt"]
         batch_size = prompt_batch_size(prompt, call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
@@ -162,7 +164,6 @@ class Flux2Adapter(Adapter):
         timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
-        set_call_properties(pipe, num_timesteps=len(timesteps))
         embedded = self.embedded_guidance(call, latents.shape[0], device)
         if embedded is not None:
             cond["guidance"] = embedded
@@ -205,7 +206,6 @@ class Flux2Adapter(Adapter):
 
     # --- per step -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        self.pipe._current_timestep = t
         timestep = t.expand(x.shape[0]).to(x.dtype)
         hidden = x.to(self.model_dtype)
         image_latents = inputs.get("image_latents")
@@ -262,9 +262,10 @@ class Flux2KleinAdapter(Flux2Adapter):
     """FLUX.2 klein: true CFG against an empty negative prompt (base) or no guidance (``is_distilled``)."""
 
     pipeline_class = Flux2KleinPipeline
+    cache_contexts = True
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
-        return ClassifierFreeGuidance(1.0 if self.pipe.config.is_distilled else call["guidance_scale"])
+        return KleinCFG(self.pipe, call["guidance_scale"])
 
     def check_guidance(self, guidance: Guidance) -> None:
         if self.pipe.config.is_distilled:

@@ -27,7 +27,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, re
 from steerkit.guidance import ClassifierFreeGuidance, Guidance
 
 from .base import Adapter, Conditioning, Prepared, SteeredMixin
-from .flux2 import check_image_size, check_latent_rows, finish_stock, set_call_properties, unit_images
+from .flux2 import check_image_size, check_latent_rows, finish_stock, unit_images
 from .stable_diffusion import group_prompts, prompt_batch_size
 
 MASK = "encoder_hidden_states_mask"
@@ -101,6 +101,12 @@ class QwenImageAdapter(Adapter):
     pipeline_class = QwenImagePipeline
     branch_order = ("cond", "uncond")
     batch_branches = False
+    cache_contexts = True
+    callback_tensors = {"prompt_embeds": ("encoder_hidden_states", "cond")}
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        # The stock call replaces None by {} before its loop, which is all a callback can see.
+        return {"_attention_kwargs": call["attention_kwargs"] or {}}
 
     @staticmethod
     def has_negative(call: dict[str, Any]) -> bool:
@@ -109,8 +115,7 @@ class QwenImageAdapter(Adapter):
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
         return QwenImageGuidance(call["true_cfg_scale"] if self.has_negative(call) else 1.0)
 
-    @staticmethod
-    def family_guidance(guidance: Guidance) -> Guidance:
+    def family_guidance(self, guidance: Guidance) -> Guidance:
         """A guidance the caller passed, under Qwen-Image's rule (unchanged if it already is)."""
         return guidance if isinstance(guidance, QwenImageGuidance) else QwenImageGuidance(guidance)
 
@@ -138,8 +143,6 @@ class QwenImageAdapter(Adapter):
         if guidance.needs_uncond and not self.has_negative(call):
             raise ValueError(f"Qwen-Image guides only against a negative prompt: {guidance!r} needs negative_prompt "
                              "(the stock call enables CFG even with negative_prompt=' ') or negative_prompt_embeds")
-        set_call_properties(pipe, guidance_scale=call["guidance_scale"], attention_kwargs=call["attention_kwargs"] or {},
-                            current_timestep=None, interrupt=False)
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
         self.device = device = pipe._execution_device  # read once: it walks every module
@@ -165,7 +168,6 @@ class QwenImageAdapter(Adapter):
         )
         timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
-        set_call_properties(pipe, num_timesteps=len(timesteps))
         if pipe.transformer.config.guidance_embeds:
             if call["guidance_scale"] is None:
                 raise ValueError("guidance_scale is required for guidance-distilled model.")
@@ -187,7 +189,6 @@ class QwenImageAdapter(Adapter):
         return self.encode_text([str(label) for label in labels], None, None, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        self.pipe._current_timestep = t
         mask = inputs[MASK]
         return self.pipe.transformer(
             hidden_states=x,
@@ -240,13 +241,8 @@ class QwenImageAdapter(Adapter):
 class SteeredQwenImagePipeline(SteeredMixin, QwenImagePipeline):
     """``QwenImagePipeline`` whose call also takes steering arguments (see :class:`SteeredMixin`).
 
-    A ``guidance`` passed here runs under Qwen-Image's rule (:class:`QwenImageGuidance`).
+    A ``guidance`` passed here runs under Qwen-Image's rule (:class:`QwenImageGuidance`,
+    :meth:`QwenImageAdapter.family_guidance`).
     """
 
     adapter_class = QwenImageAdapter
-
-    def __call__(self, *args, guidance: Guidance | None = None, **kwargs):
-        # The shared call wrapper has no hook for a family's guidance rule yet; this is that hook.
-        if isinstance(guidance, Guidance):
-            guidance = self.adapter_class.family_guidance(guidance)
-        return super().__call__(*args, guidance=guidance, **kwargs)

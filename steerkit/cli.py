@@ -575,9 +575,10 @@ def generate_command(args) -> dict[str, Any]:
     # because of an argument once run.json says "running".
     per_call = args.items_per_call or (len(items) if args.shard_particles else -(-len(items) // group.world_size))
     per_call = min(per_call, len(items))
+    # Qwen-Image's stock default guidance_scale is None (it guides with true_cfg_scale).
     scale = args.guidance if isinstance(args.guidance, float) else pipe_default_scale(pipe) if args.guidance is None else 1
     check_memory(pipe, device, rows=per_call * args.num_images * local_particles, steps=args.steps,
-                 branches=(2 if scale > 1 else 1) + (args.gfcg is not None),
+                 branches=(2 if (scale or 1.0) > 1 else 1) + (args.gfcg is not None),
                  outputs=len(items) * args.num_images * outputs_per_image, max_batch=args.max_batch,
                  what=f"{per_call} prompt(s) × --num-images {args.num_images} × --particles {local_particles}")
     if args.shard_particles and not group.is_main:

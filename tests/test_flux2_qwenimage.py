@@ -297,6 +297,25 @@ def test_callback_sees_and_replaces_latents_and_reads_the_call_properties(family
     assert pipe.current_timestep is None and stock(family).current_timestep is None  # reset after the call
 
 
+@pytest.mark.parametrize("scale, uncond_steps", [(0.0, 1), (2.0, 3)])
+def test_klein_cfg_follows_pipe_guidance_scale_as_stock(scale, uncond_steps):
+    """Stock klein reads ``pipe.do_classifier_free_guidance`` (``_guidance_scale > 1``) every step but
+    combines with the call's own scale: a callback setting 0 turns CFG off, one setting 2 changes nothing."""
+
+    def set_scale(pipe, i, t, tensors):
+        if i == 0:
+            pipe._guidance_scale = scale
+        return tensors
+
+    kwargs = call_args("klein", output_type="pt", callback_on_step_end=set_scale)
+    expected = stock("klein")(**kwargs, generator=generator(2)).images
+    out = steered("klein")(**kwargs, generator=generator(2))
+    assert torch.equal(out.images, expected)
+    assert out.steering.nfe["uncond"] == uncond_steps * len(PROMPTS)
+    if scale == 2.0:
+        assert torch.equal(out.images, stock("klein")(**call_args("klein", output_type="pt"), generator=generator(2)).images)
+
+
 @pytest.mark.parametrize("family", ["flux2", "klein"])
 def test_reference_images_are_stock(family):
     from PIL import Image
