@@ -188,14 +188,24 @@ class QwenImageAdapter(Adapter):
     def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
         return self.encode_text([str(label) for label in labels], None, None, 1)
 
+    def model_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The padding mask as the stock call passes it: none when no token is padding (attention then
+        takes another kernel). Remembered per mask tensor (each branch keeps its own across steps):
+        checking costs a host sync per model call."""
+        seen = self.__dict__.setdefault("_masks_seen", {})
+        entry = seen.get(id(mask))
+        if entry is None or entry[0] is not mask:
+            if len(seen) >= 8:  # rows re-indexed (FK resampling, chunks) make new tensors: keep a few
+                seen.clear()
+            entry = seen[id(mask)] = (mask, None if bool(mask.all()) else mask)
+        return entry[1]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        mask = inputs[MASK]
         return self.pipe.transformer(
             hidden_states=x,
             timestep=t.expand(x.shape[0]).to(x.dtype) / 1000,
             guidance=inputs.get("guidance"),
-            # The stock call passes no mask when no token is padding (attention then takes another kernel).
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            encoder_hidden_states_mask=self.model_mask(inputs[MASK]),
             encoder_hidden_states=inputs["encoder_hidden_states"],
             img_shapes=inputs["img_shapes"],
             attention_kwargs=inputs.get("attention_kwargs"),
