@@ -27,8 +27,13 @@ def environment() -> dict[str, Any]:
     }
 
 
-def interleaved_times(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times, alternating between them so drift hits all equally."""
+def interleaved_times(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+                      cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, alternating between them so drift hits all equally.
+
+    Returns wall-clock times. ``cpu_times``, if given, is filled with this process's CPU time per call
+    too: on a shared machine a single-threaded run's CPU time is not inflated by waiting for a core.
+    """
     for _ in range(warmup):
         for function in functions.values():
             function()
@@ -37,11 +42,13 @@ def interleaved_times(functions: dict[str, Callable[[], Any]], repeats: int, war
         for name, function in functions.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             function()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - started)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - cpu_started)
     return times
 
 

@@ -45,7 +45,9 @@ Checklist: what a family adapter provides (subclass :class:`Adapter`)
    ``pipe.transformer`` nor ``pipe.unet``.
 7. ``default_guidance(call)``: the stock guidance. Use :meth:`Adapter.pipeline_cfg` when the stock
    loop reads ``self.guidance_scale`` / ``self.do_classifier_free_guidance`` each step, so a callback
-   that changes ``pipe._guidance_scale`` acts as under stock.
+   that changes ``pipe._guidance_scale`` acts as under stock. ``family_guidance(guidance)``: a
+   guidance the caller passed, under the family's own guidance rule where it has one (Qwen-Image's
+   norm rescale); the default returns it unchanged.
 8. ``forward(x, t, inputs)``: the model call of the stock loop (timestep scaling, ids, kwargs).
 9. ``decode(x0)``: x̂0 → images in [0, 1] float32, for rewards; cast the latents to the VAE's dtype
    (or upcast exactly when the stock decode upcasts). ``finish(latents, call)``: the stock output.
@@ -161,6 +163,10 @@ class Adapter:
         if "guidance_scale" in call and isinstance(getattr(type(self.pipe), "guidance_scale", None), property):
             return self.pipeline_cfg(call["guidance_scale"], call.get("guidance_rescale", 0.0) or 0.0)
         return ClassifierFreeGuidance(call["guidance_scale"], call.get("guidance_rescale", 0.0) or 0.0)
+
+    def family_guidance(self, guidance: Guidance) -> Guidance:
+        """A guidance the caller passed, as the family applies guidance (unchanged here)."""
+        return guidance
 
     def pipeline_cfg(self, guidance_scale: float, guidance_rescale: float = 0.0) -> Guidance:
         """Stock CFG that follows ``pipe._guidance_scale`` during the call (see :class:`PipelineCFG`)."""
@@ -328,7 +334,7 @@ def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guida
         pipe._interrupt = False
         if session.tracks_timestep:
             pipe._current_timestep = None
-        guidance = guidance if guidance is not None else adapter.default_guidance(call)
+        guidance = adapter.family_guidance(guidance) if guidance is not None else adapter.default_guidance(call)
         prepared = adapter.prepare(call, num_particles, guidance)
         session.check_tensor_inputs()
         pipe._num_timesteps = len(prepared.timesteps)
@@ -557,4 +563,13 @@ def steer(pipe: Any) -> Any:
 
 def _load_adapters() -> None:
     """Import every family module so their steered classes register themselves."""
-    from . import class_conditional, dit, flux, stable_diffusion, stable_diffusion_3, stable_diffusion_xl  # noqa: F401
+    from . import (  # noqa: F401
+        class_conditional,
+        dit,
+        flux,
+        flux2,
+        qwenimage,
+        stable_diffusion,
+        stable_diffusion_3,
+        stable_diffusion_xl,
+    )

@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="flow-sde's noise scale a in g(σ) = a·√(σ/(1−σ)) (Flow-GRPO's noise_level; 0 is the "
                           "deterministic ODE sampler; default 0.7)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
+    gen.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--seed", type=int, default=0, help="base seed; row r uses seed + r")
     gen.add_argument("--max-batch", type=_positive_int, default=None, help="most rows per model call")
     gen.add_argument("--items-per-call", type=_positive_int, default=None,
@@ -454,13 +456,18 @@ def _scheduler_for(pipe, name: str | None, method: str, noise_scale: float | Non
     return scheduler_class.from_config(pipe.scheduler.config, **overrides), name
 
 
-def pipe_default_scale(pipe) -> float:
-    """The stock default ``guidance_scale`` of the pipeline's call."""
+def _stock_parameters(pipe) -> dict[str, Any]:
+    """The parameters of the stock pipeline's call."""
     import inspect
 
     from steerkit.pipelines.base import _stock_class
 
-    return inspect.signature(_stock_class(type(pipe)).__call__).parameters["guidance_scale"].default
+    return dict(inspect.signature(_stock_class(type(pipe)).__call__).parameters)
+
+
+def pipe_default_scale(pipe) -> float:
+    """The stock default ``guidance_scale`` of the pipeline's call."""
+    return _stock_parameters(pipe)["guidance_scale"].default
 
 
 def resolve_reward(spec: str, flag: str):
@@ -588,9 +595,10 @@ def generate_command(args) -> dict[str, Any]:
     # because of an argument once run.json says "running".
     per_call = args.items_per_call or (len(items) if args.shard_particles else -(-len(items) // group.world_size))
     per_call = min(per_call, len(items))
+    # Qwen-Image's stock default guidance_scale is None (it guides with true_cfg_scale).
     scale = args.guidance if isinstance(args.guidance, float) else pipe_default_scale(pipe) if args.guidance is None else 1
     check_memory(pipe, device, rows=per_call * args.num_images * local_particles, steps=args.steps,
-                 branches=(2 if scale > 1 else 1) + (args.gfcg is not None),
+                 branches=(2 if (scale or 1.0) > 1 else 1) + (args.gfcg is not None),
                  outputs=len(items) * args.num_images * outputs_per_image, max_batch=args.max_batch,
                  what=f"{per_call} prompt(s) × --num-images {args.num_images} × --particles {local_particles}")
     if args.shard_particles and not group.is_main:
@@ -614,6 +622,11 @@ def generate_command(args) -> dict[str, Any]:
     pipe.scheduler = scheduler
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
                                 output_type="np")  # NaN survives in floats; the PNGs are made below
+    for side in ("height", "width"):
+        if getattr(args, side) is not None:
+            if side not in _stock_parameters(pipe):
+                raise CliError(f"--{side}: {type(pipe).__name__} takes no image size")
+            call[side] = getattr(args, side)
     prompt_key = "class_labels" if is_class_conditional else "prompt"
     guidance = None
     if isinstance(args.guidance, float):

@@ -15,8 +15,8 @@ import string
 import torch
 
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's reversible byte → printable character table (256 entries)."""
+def _byte_level_table() -> dict[int, str]:
+    """The reversible byte → printable character table of byte-level BPE (CLIP, GPT-2, Qwen, Mistral)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
     extra = 0
@@ -25,7 +25,12 @@ def _bytes_to_unicode() -> list[str]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return [chr(c) for c in chars]
+    return {byte: chr(c) for byte, c in zip(printable, chars)}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's reversible byte → printable character table (256 entries, in CLIP's vocabulary order)."""
+    return list(_byte_level_table().values())
 
 
 def tiny_clip_tokenizer(max_length: int = 77):
@@ -196,6 +201,218 @@ def tiny_class_conditional(scheduler=None, num_classes: int = 3):
     ).eval()
     id2label = {str(i): f"class{i}" for i in range(num_classes)}
     return ClassConditionalUNetPipeline(unet=unet, scheduler=scheduler or DDIMScheduler(), id2label=id2label)
+
+
+# --- FLUX.2 (dev, klein) and Qwen-Image -----------------------------------------------------------
+# Their text encoders are chat LLMs (Mistral-3, Qwen3, Qwen2.5-VL) whose prompts go through a chat
+# template or a fixed prompt template. The tokenizers below are byte-level BPEs with each family's
+# special tokens and template, whose merges spell the templates' words (and a few prompt words) as
+# one token each, so the token counts the pipelines rely on match the real tokenizers' (Qwen-Image
+# drops the first 34 tokens of its template, FLUX.2 pads after its system prompt).
+
+#: FlowMatchEuler settings of the real checkpoints' ``scheduler/scheduler_config.json``. FLUX.2
+#: computes its own ``mu`` (``compute_empirical_mu``), used because dynamic shifting is on.
+FLUX2_SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                              shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+QWENIMAGE_SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
+                                  shift=1.0, shift_terminal=0.02, use_dynamic_shifting=True,
+                                  time_shift_type="exponential")
+
+_PROMPT_WORDS = ("a an the of and with in on photo red blue green yellow black white cube ball cone cat dog "
+                 "bird car tree house sky blurry dark ugly bad quality")
+#: The words of Qwen-Image's prompt template (``QwenImagePipeline.prompt_template_encode``).
+_QWENIMAGE_TEMPLATE_WORDS = ("system\nuser\nassistant\nDescribe the image by detailing the color, shape, size, texture, "
+                             "quantity, text, spatial relationships of the objects and background")
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('') %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def _byte_level_bpe(special_tokens: list[str], texts: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a byte-level BPE that spells every word of ``texts`` (with its leading
+    space, if any) as one token: the special tokens, the 256 bytes, then one merge per word prefix."""
+    import re
+
+    table = _byte_level_table()
+    vocab = {token: i for i, token in enumerate(special_tokens)}
+    for char in table.values():
+        vocab.setdefault(char, len(vocab))
+    merges = []
+    words = list(dict.fromkeys(word for text in texts for word in re.findall(r" ?[A-Za-z]+", text)))
+    # Merges apply by rank inside each pre-tokenized word. A word with a leading space can only be
+    # entered by its own chain (the space byte opens no other), so those go first; the first merge of
+    # a word without one ("at" of "attribution") could fire inside another word, so those go last,
+    # longest first.
+    words.sort(key=lambda word: (not word.startswith(" "), 0 if word.startswith(" ") else -len(word)))
+    for word in words:
+        spelled = "".join(table[byte] for byte in word.encode())
+        for end in range(2, len(spelled) + 1):
+            if spelled[:end] not in vocab:
+                vocab[spelled[:end]] = len(vocab)
+                merges.append((spelled[: end - 1], spelled[end - 1]))
+    return vocab, merges
+
+
+def tiny_qwen_tokenizer(texts: tuple[str, ...] = ()):
+    """A ``Qwen2Tokenizer`` (Qwen2.5 / Qwen3 byte-level BPE) with the Qwen chat tokens and template."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    vocab, merges = _byte_level_bpe(specials, [_QWENIMAGE_TEMPLATE_WORDS, _PROMPT_WORDS, *texts])
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768, chat_template=_QWEN_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def tiny_mistral3_processor():
+    """A ``PixtralProcessor`` (FLUX.2's tokenizer) around a byte-level BPE with Mistral's control tokens."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "[IMG]", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG_BREAK]", "[IMG_END]"]
+    vocab, merges = _byte_level_bpe(specials, [SYSTEM_MESSAGE, _PROMPT_WORDS])
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=[s for s in specials if s not in ("<unk>", "<s>", "</s>", "<pad>")],
+        model_max_length=32768,
+    )
+    return PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=6,
+                            chat_template=_MISTRAL_CHAT_TEMPLATE)
+
+
+def _vocab_size(tokenizer) -> int:
+    return len(tokenizer) + 8  # room for the unused vision token ids of the VL configs
+
+
+def _flux2_vae():
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    # Non-trivial latent statistics, so that a missed (de-)normalisation shows in every test.
+    vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.num_features))
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    return vae.eval()
+
+
+def _flux2_transformer(guidance_embeds: bool, text_width: int):
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=text_width, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def tiny_flux2(scheduler=None):
+    """A tiny ``Flux2Pipeline`` (FLUX.2 dev: Mistral-3 text encoder, guidance embedding, 8×8 packed latents
+    at 16×16 px). The text encoder has the 31 hidden states the default ``text_encoder_out_layers`` reads."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    processor = tiny_mistral3_processor()
+    hidden = 16
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=_vocab_size(processor.tokenizer), hidden_size=hidden,
+                         intermediate_size=37, max_position_embeddings=512, num_attention_heads=4, num_hidden_layers=30,
+                         num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None, bos_token_id=2,
+                         eos_token_id=3, pad_token_id=4),
+        vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=37, image_size=30, patch_size=6, num_channels=3),
+        bos_token_id=2, eos_token_id=3, pad_token_id=4, image_seq_length=4, vision_feature_layer=-1, image_token_index=1,
+    )
+    torch.manual_seed(0)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    return Flux2Pipeline(
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG), vae=_flux2_vae(),
+        text_encoder=text_encoder, tokenizer=processor,
+        transformer=_flux2_transformer(guidance_embeds=True, text_width=3 * hidden),
+    )
+
+
+def tiny_flux2_klein(scheduler=None, is_distilled: bool = False):
+    """A tiny ``Flux2KleinPipeline`` (Qwen3 text encoder with the 28 hidden states the default layers read;
+    ``is_distilled`` for the step-distilled checkpoints, which run no CFG)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_qwen_tokenizer()
+    hidden = 16
+    config = Qwen3Config(vocab_size=_vocab_size(tokenizer), hidden_size=hidden, intermediate_size=16,
+                         num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=512)
+    torch.manual_seed(0)
+    text_encoder = Qwen3ForCausalLM(config).eval()
+    return Flux2KleinPipeline(
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER_CONFIG), vae=_flux2_vae(),
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=_flux2_transformer(guidance_embeds=False, text_width=3 * hidden), is_distilled=is_distilled,
+    )
+
+
+def tiny_qwenimage(scheduler=None):
+    """A tiny ``QwenImagePipeline`` (Qwen2.5-VL text encoder, 3-D Wan-style VAE with ×4 compression:
+    32×32 px → 8×8 latents → 16 packed tokens)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()
+    torch.manual_seed(0)
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=z_dim * 6, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[-0.2, 0.1, 0.0, 0.3], latents_std=[0.5, 1.5, 1.0, 2.0],
+    ).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    vocab = _vocab_size(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=vocab, bos_token_id=0, eos_token_id=2,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                         rope_theta=1e6),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=vocab, vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2,
+        vision_token_id=vocab - 1, image_token_id=vocab - 4, video_token_id=vocab - 5,
+    )
+    torch.manual_seed(0)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return QwenImagePipeline(
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(**QWENIMAGE_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
 
 
 def load_random_ip_adapter(pipe, image_embed_dim: int = 32, seed: int = 0):

@@ -36,6 +36,10 @@ FAMILIES = {
     "sd3": (testing.tiny_stable_diffusion_3, dict(prompt="a cube", height=16, width=16, max_sequence_length=16)),
     "flux": (testing.tiny_flux, dict(prompt="a cube", height=16, width=16, max_sequence_length=16)),
     "dit": (testing.tiny_dit, dict(class_labels=[1])),
+    "flux2": (testing.tiny_flux2, dict(prompt="a cube", height=16, width=16, max_sequence_length=48)),
+    "flux2-klein": (testing.tiny_flux2_klein, dict(prompt="a cube", height=16, width=16, max_sequence_length=48)),
+    "qwenimage": (testing.tiny_qwenimage, dict(prompt="a cube", negative_prompt="blurry", true_cfg_scale=4.0,
+                                               height=32, width=32)),
 }
 
 

@@ -32,8 +32,8 @@ def prefers(name):
     return CallableReward(lambda images, prompts: torch.tensor([float(name in p) for p in prompts]), name="prefers")
 
 
-def flow(shift=1.0):
-    return FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True)
+def flow(shift=1.0, **config):
+    return FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True, **config)
 
 
 FAMILIES = {
@@ -48,6 +48,12 @@ FAMILIES = {
     "flux": (lambda: testing.tiny_flux(scheduler=flow()),
              dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], height=16, width=16, max_sequence_length=16),
              dict(classifier=prefers("cone"), labels=LABELS)),
+    "flux2-klein": (lambda: testing.tiny_flux2_klein(scheduler=flow(**testing.FLUX2_SCHEDULER_CONFIG)),
+                    dict(prompt=PROMPTS, height=16, width=16, max_sequence_length=48),
+                    dict(classifier=prefers("cone"), labels=LABELS)),
+    "qwenimage": (lambda: testing.tiny_qwenimage(scheduler=flow(**testing.QWENIMAGE_SCHEDULER_CONFIG)),
+                  dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], height=32, width=32),
+                  dict(classifier=prefers("cone"), labels=LABELS)),
     "dit": (lambda: testing.tiny_dit(scheduler=DDPMScheduler()), dict(class_labels=[0, 1]),
             dict(classifier=prefers("shark"))),
     "class-conditional-flow": (lambda: testing.tiny_class_conditional(scheduler=flow()), dict(class_labels=[0, 1]),

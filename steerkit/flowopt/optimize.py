@@ -379,6 +379,6 @@ def edit(pipe: Any, images: Any, *, source: dict[str, Any], target: dict[str, An
 
 def _image_channels(pipe: Any) -> int:
     vae = getattr(pipe, "vae", None)
-    if vae is not None:
-        return vae.config.in_channels
+    if vae is not None:  # the 3-D (Wan / Qwen-Image) VAEs name it input_channels
+        return vae.config.get("in_channels", vae.config.get("input_channels"))
     return pipe.unet.config.in_channels
