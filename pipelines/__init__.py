@@ -8,9 +8,17 @@ from .class_conditional import (
 )
 from .dit import DiTAdapter, SteeredDiTPipeline
 from .flux import FluxAdapter, SteeredFluxPipeline
+from .pixart import PixArtSigmaAdapter, SteeredPixArtSigmaPipeline
+from .sana import SanaAdapter, SteeredSanaPipeline
 from .stable_diffusion import StableDiffusionAdapter, SteeredStableDiffusionPipeline
 from .stable_diffusion_3 import StableDiffusion3Adapter, SteeredStableDiffusion3Pipeline
 from .stable_diffusion_xl import StableDiffusionXLAdapter, SteeredStableDiffusionXLPipeline
+from .z_image import (
+    SteeredZImagePipeline,
+    ZImageAdapter,
+    ZImageClassifierFreeGuidance,
+    ZImageGuidance,
+)
 
 __all__ = [
     "Adapter",
@@ -18,6 +26,8 @@ __all__ = [
     "ClassConditionalUNetPipeline",
     "DiTAdapter",
     "FluxAdapter",
+    "PixArtSigmaAdapter",
+    "SanaAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
@@ -25,8 +35,14 @@ __all__ = [
     "SteeredDiTPipeline",
     "SteeredFluxPipeline",
     "SteeredMixin",
+    "SteeredPixArtSigmaPipeline",
+    "SteeredSanaPipeline",
     "SteeredStableDiffusion3Pipeline",
     "SteeredStableDiffusionPipeline",
     "SteeredStableDiffusionXLPipeline",
+    "SteeredZImagePipeline",
+    "ZImageAdapter",
+    "ZImageClassifierFreeGuidance",
+    "ZImageGuidance",
     "steer",
 ]

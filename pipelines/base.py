@@ -291,4 +291,14 @@ def _quietly(function, *args, **kwargs):
 
 def _load_adapters() -> None:
     """Import every family module so their steered classes register themselves."""
-    from . import class_conditional, dit, flux, stable_diffusion, stable_diffusion_3, stable_diffusion_xl  # noqa: F401
+    from . import (  # noqa: F401
+        class_conditional,
+        dit,
+        flux,
+        pixart,
+        sana,
+        stable_diffusion,
+        stable_diffusion_3,
+        stable_diffusion_xl,
+        z_image,
+    )

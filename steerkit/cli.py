@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gfcg-template", default="a photo of a {}", help="text models: the reference prompt")
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                      help="sampler (default: the model's; a stochastic one for fk)")
+    gen.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
     gen.add_argument("--seed", type=int, default=0, help="base seed; row r uses seed + r")
     gen.add_argument("--max-batch", type=_positive_int, default=None, help="most rows per model call")
@@ -420,6 +422,11 @@ def generate_command(args) -> dict[str, Any]:
     seeds = [args.seed + r for r in range(rows)]
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
                                 output_type="pil")
+    for size in ("height", "width"):
+        if getattr(args, size) is not None:
+            if is_class_conditional:
+                raise CliError(f"--{size}: a class-conditional model samples at its own size")
+            call[size] = getattr(args, size)
     prompt_key = "class_labels" if is_class_conditional else "prompt"
     guidance = None
     if isinstance(args.guidance, float):
