@@ -83,6 +83,7 @@ class SanaAdapter(PixArtSigmaAdapter):
                 uncond = {k: v.repeat_interleave(num_particles, dim=0) for k, v in uncond.items()}
         scheduler = self.fresh_scheduler()
         timesteps, _ = retrieve_timesteps(scheduler, call["num_inference_steps"], device, call["timesteps"], call["sigmas"])
+        self.transformer_dtype = pipe.transformer.dtype  # read once, as stock: it walks every parameter
         latents = pipe.prepare_latents(
             batch_size * images_per_prompt * num_particles, pipe.transformer.config.in_channels, height, width,
             torch.float32, device, call["generator"], call["latents"],
@@ -105,11 +106,10 @@ class SanaAdapter(PixArtSigmaAdapter):
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-        transformer = self.pipe.transformer
+        transformer, dtype = self.pipe.transformer, self.transformer_dtype
         timestep = t.expand(x.shape[0]) * transformer.config.timestep_scale
         out = transformer(
-            x.to(dtype=transformer.dtype),
-            encoder_hidden_states=inputs["encoder_hidden_states"].to(dtype=transformer.dtype),
+            x.to(dtype=dtype), encoder_hidden_states=inputs["encoder_hidden_states"].to(dtype=dtype),
             encoder_attention_mask=inputs["encoder_attention_mask"], timestep=timestep, return_dict=False,
             attention_kwargs=inputs.get("attention_kwargs"),
         )[0]

@@ -103,7 +103,8 @@ class ZImageGuidance(Guidance):
     def configure(self, call: dict[str, Any]) -> None:
         """Take ``cfg_truncation``/``cfg_normalization`` from the stock call, with the stock tests."""
         truncation, normalization = call["cfg_truncation"], call["cfg_normalization"]
-        self.truncation = float(truncation) if truncation is not None and float(truncation) <= 1 else None
+        # (1000 − t)/1000 never exceeds 1 (t ≥ 0), so the stock default of 1.0 never truncates: skip the test.
+        self.truncation = float(truncation) if truncation is not None and float(truncation) < 1 else None
         self.normalization = float(normalization) if normalization and float(normalization) > 0.0 else 0.0
 
     @property
@@ -169,10 +170,11 @@ class ZImageAdapter(Adapter):
 
     pipeline_class = ZImagePipeline
     branch_order = ("cond", "uncond")
+    #: The stock ``guidance_scale`` as a steerkit guidance (the CLI builds adaptive/dynamic/GFCG bases with it).
+    stock_cfg = ZImageClassifierFreeGuidance
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
-        guidance = ZImageGuidance(ZImageClassifierFreeGuidance(call["guidance_scale"]))
-        return guidance
+        return ZImageGuidance(ZImageClassifierFreeGuidance(call["guidance_scale"]))
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:

@@ -302,6 +302,13 @@ def pipe_default_scale(pipe) -> float:
     return inspect.signature(_stock_class(type(pipe)).__call__).parameters["guidance_scale"].default
 
 
+def stock_cfg(pipe, scale: float):
+    """The stock call's ``guidance_scale`` as the base of a steerkit guidance: the number itself
+    (diffusers' convention), or the family's own CFG where its convention differs (Z-Image: 1 + s)."""
+    convert = getattr(getattr(type(pipe), "adapter_class", None), "stock_cfg", None)
+    return scale if convert is None else convert(scale)
+
+
 def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any], str | None]:
     if args.method == "none":
         return [], None
@@ -323,7 +330,7 @@ def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any],
     return [BestOfN(reward=reward, select=args.select, seed=args.seed)], reward
 
 
-def _feedback_guidance(args, guidance, default_scale: float, is_class_conditional: bool):
+def _feedback_guidance(args, guidance, default_scale, is_class_conditional: bool):
     """Wrap the static guidance in dynamic CFG and/or GFCG, as the flags ask (dynamic CFG innermost)."""
     from steerkit.guidance import DynamicGuidance, GradientFreeClassifierGuidance
 
@@ -433,12 +440,12 @@ def generate_command(args) -> dict[str, Any]:
         call["guidance_scale"] = args.guidance
     elif args.guidance is not None:
         guidance = args.guidance
-    guidance = _feedback_guidance(args, guidance, call.get("guidance_scale", pipe_default_scale(pipe)),
+    guidance = _feedback_guidance(args, guidance, stock_cfg(pipe, call.get("guidance_scale", pipe_default_scale(pipe))),
                                   is_class_conditional)
     if args.adaptive_guidance is not None:
         from steerkit.guidance import AdaptiveGuidance
 
-        base = guidance if guidance is not None else call.get("guidance_scale", pipe_default_scale(pipe))
+        base = guidance if guidance is not None else stock_cfg(pipe, call.get("guidance_scale", pipe_default_scale(pipe)))
         guidance = AdaptiveGuidance(base, threshold=args.adaptive_guidance)
     if args.scheduler == "ddim-eta1":
         call["eta"] = 1.0

@@ -497,3 +497,19 @@ def test_cli_generate_on_a_saved_pipeline(tmp_path, capsys, pipes, family):
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["resolved"]["pipeline"].startswith("Steered")
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_cli_builds_z_image_guidance_in_its_own_convention(tmp_path, capsys, pipes):
+    """--adaptive-guidance on Z-Image wraps the stock CFG at the stock scale (w = 1 + s), not w = s."""
+    import json
+
+    from conftest import run_cli
+
+    model = tmp_path / "model"
+    pipes["z_image"].save_pretrained(model)
+    code, _, err = run_cli(["generate", "a red cube", "--model", model, "--steps", "2", "--out", tmp_path / "out",
+                            "--device", "cpu", "--height", "32", "--width", "32", "--guidance", "3",
+                            "--adaptive-guidance", "0.99"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert "AdaptiveGuidance(base=ZImageClassifierFreeGuidance(guidance_scale=3.0)" in record["resolved"]["guidance"]
