@@ -239,6 +239,14 @@ def test_sana_complex_human_instruction_is_stock(pipes):
     assert_same_as_stock(pipes, "sana", **call, negative_prompt="blurry", num_inference_steps=2)
 
 
+def test_z_image_max_batch_chunks_the_row_lists(pipes):
+    expected = pipes["z_image"](**{**CALLS["z_image"], "num_inference_steps": 2}, prompt=list(PROMPTS),
+                                generator=generator(), output_type="pt").images
+    out = run(steered(pipes, "z_image"), "z_image", num_inference_steps=2, max_batch=3)
+    assert out.steering.model_calls == 2 * 2  # 4 rows (2 prompts × 2 branches) in chunks of 3 and 1
+    torch.testing.assert_close(out.images, expected, rtol=0, atol=1e-5)
+
+
 # --- stock arguments ----------------------------------------------------------------------------
 
 
@@ -467,8 +475,10 @@ def test_flowopt_inversion_reduces_the_error(pipes, family):
     call = {k: v for k, v in CALLS[family].items() if k != "guidance_scale"}
     size = (call["height"], call["width"])
     images = torch.rand(1, 3, *size, generator=generator(3))
-    result = invert(pipe, images, prompt=["a red cube"], num_inference_steps=3, iterations=4, **call)
-    assert sum(result.loss[-1]) < sum(result.loss[0]) and result.nfe > 0
+    with RowCounter(pipe.transformer) as counter:
+        result = invert(pipe, images, prompt=["a red cube"], num_inference_steps=3, iterations=4, **call)
+    assert sum(result.loss[-1]) < sum(result.loss[0])
+    assert result.nfe == counter.rows > 0
 
 
 def test_pixart_is_not_a_flow_model(pipes):
