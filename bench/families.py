@@ -10,13 +10,15 @@ The models are the test builders of ``steerkit.testing``. ``--size test`` (defau
 test suite's sizes, as the issue-2 benchmarks did for SD: the stock call is then mostly per-call and
 per-step overhead, which is what batching particles amortises. ``--size large`` samples larger
 images (Z-Image 128 px, SANA 512 px and PixArt-Σ 256 px, the last two at their native bins with
-resolution binning on), where the tiny models' compute and the VAE decode dominate. The script prints the transformer's share of a
+resolution binning on), where the tiny models' compute and the VAE decode dominate. The script prints the denoiser's share of a
 stock call for each.
 
 Times are CPU time of this process (``time.process_time``) with one intra-op thread; wall time is
 recorded beside it. On a machine shared with other jobs the wall clock mostly measures the others.
 
-    python bench/families.py [--size test|large] [--families z_image,z_image_turbo,sana,pixart] [--steps 20]
+The tiny SD pipeline of the issue-2 benchmarks is measured the same way as a reference (``sd``).
+
+    python bench/families.py [--size test|large] [--families z_image,z_image_turbo,sana,pixart,sd] [--steps 20]
 """
 
 from __future__ import annotations
@@ -33,16 +35,20 @@ from common import environment, interleaved_times, median, write_result  # noqa:
 
 PROMPT = "a photo of a cat"
 BUILDERS = {"z_image": ("tiny_z_image", {}), "z_image_turbo": ("tiny_z_image", {"turbo": True}),
-            "sana": ("tiny_sana", {}), "pixart": ("tiny_pixart_sigma", {})}
-GUIDANCE = {"z_image": 5.0, "z_image_turbo": 0.0, "sana": 4.5, "pixart": 4.5}
+            "sana": ("tiny_sana", {}), "pixart": ("tiny_pixart_sigma", {}),
+            "sd": ("tiny_stable_diffusion", {})}  # reference: an issue-2 family, measured the same way
+GUIDANCE = {"z_image": 5.0, "z_image_turbo": 0.0, "sana": 4.5, "pixart": 4.5, "sd": 7.5}
 SIZES = {
     "test": {"z_image": dict(height=32, width=32), "z_image_turbo": dict(height=32, width=32),
              "sana": dict(height=64, width=64, use_resolution_binning=False),
-             "pixart": dict(height=64, width=64, use_resolution_binning=False)},
+             "pixart": dict(height=64, width=64, use_resolution_binning=False), "sd": dict(height=32, width=32)},
     "large": {"z_image": dict(height=128, width=128), "z_image_turbo": dict(height=128, width=128),
-              "sana": dict(height=512, width=512), "pixart": dict(height=256, width=256)},
+              "sana": dict(height=512, width=512), "pixart": dict(height=256, width=256),
+              "sd": dict(height=128, width=128)},
 }
-EXTRA = {"sana": dict(complex_human_instruction=None), "pixart": dict(clean_caption=False)}
+EXTRA = {"sana": dict(complex_human_instruction=None, max_sequence_length=64),
+         "pixart": dict(clean_caption=False, max_sequence_length=64), "z_image": dict(max_sequence_length=64),
+         "z_image_turbo": dict(max_sequence_length=64)}
 
 
 def build(family: str, size: str):
@@ -54,17 +60,20 @@ def build(family: str, size: str):
     stock.set_progress_bar_config(disable=True)
     steered = steerkit.steer(stock)
     steered.set_progress_bar_config(disable=True)
-    call = dict(**SIZES[size][family], **EXTRA.get(family, {}), max_sequence_length=64,
-                guidance_scale=GUIDANCE[family])
+    call = dict(**SIZES[size][family], **EXTRA.get(family, {}), guidance_scale=GUIDANCE[family])
     return stock, steered, call
 
 
-def transformer_share(stock, call: dict, steps: int) -> float:
-    """Fraction of one stock call spent inside the transformer."""
+def denoiser(pipe):
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
+def denoiser_share(stock, call: dict, steps: int) -> float:
+    """Fraction of one stock call spent inside the denoiser (transformer or UNet)."""
     spent, started = [0.0], [0.0]
     clock = time.process_time
-    pre = stock.transformer.register_forward_pre_hook(lambda *a: started.__setitem__(0, clock()))
-    post = stock.transformer.register_forward_hook(lambda *a: spent.__setitem__(0, spent[0] + clock() - started[0]))
+    pre = denoiser(stock).register_forward_pre_hook(lambda *a: started.__setitem__(0, clock()))
+    post = denoiser(stock).register_forward_hook(lambda *a: spent.__setitem__(0, spent[0] + clock() - started[0]))
     try:
         began = clock()
         stock(prompt=PROMPT, num_inference_steps=steps, output_type="pt", **call)
@@ -96,8 +105,8 @@ def measure(family: str, size: str, steps: int, repeats: int, particles: int) ->
     max_diff = float((sequential() - batched()).abs().max())
     both = {"sequential": sequential, "batched": batched}
     row = {"family": family, "size": size, "call": {k: v for k, v in common.items() if k != "prompt"},
-           "latent_shape": list(shape[1:]), "transformer_share_of_stock_call": transformer_share(stock, call, steps),
-           "transformer_parameters": sum(p.numel() for p in stock.transformer.parameters()),
+           "latent_shape": list(shape[1:]), "denoiser_share_of_stock_call": denoiser_share(stock, call, steps),
+           "denoiser_parameters": sum(p.numel() for p in denoiser(stock).parameters()),
            "steering_off_equal_to_stock": equal, "particles_max_abs_difference": max_diff}
     for clock_name, clock in (("cpu", time.process_time), ("wall", time.perf_counter)):
         times = interleaved_times(off, repeats=repeats, clock=clock)
@@ -133,8 +142,8 @@ def main(argv=None) -> dict:
             row = measure(family, args.size, args.steps, args.repeats, args.particles)
         rows.append(row)
         cpu = row["cpu"]
-        print(f"{family} ({args.size}, latents {row['latent_shape']}): transformer "
-              f"{row['transformer_share_of_stock_call']:.0%} of a stock call | steering off "
+        print(f"{family} ({args.size}, latents {row['latent_shape']}): denoiser "
+              f"{row['denoiser_share_of_stock_call']:.0%} of a stock call | steering off "
               f"{cpu['steered']['median_s']*1e3:.1f} ms vs stock {cpu['stock']['median_s']*1e3:.1f} ms CPU = "
               f"×{cpu['time_ratio']:.3f} (paired ×{cpu['paired_time_ratio']['median']:.3f}, wall ×{row['wall']['time_ratio']:.3f}, equal "
               f"{row['steering_off_equal_to_stock']}) | {args.particles} particles {cpu['batched']['median_s']*1e3:.0f} ms "

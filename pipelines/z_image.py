@@ -229,7 +229,8 @@ class ZImageAdapter(Adapter):
         raise ValueError(
             f"Z-Image with guidance_scale={call['guidance_scale']} runs no classifier-free guidance (Z-Image-Turbo "
             f"is guidance-distilled), so {inner!r} has no unconditional branch to use; on Turbo use FK steering or "
-            "best-of-N (hooks=...) or FlowOpt, or pass guidance_scale > 0 for the undistilled Z-Image"
+            "best-of-N (hooks=...), or FlowOpt without guidance (guidance 1), or pass guidance_scale > 0 for the "
+            "undistilled Z-Image"
         )
 
     def _encode(self, call: dict[str, Any], needs_uncond: bool, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

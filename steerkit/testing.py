@@ -239,8 +239,10 @@ def tiny_gemma_tokenizer():
 def tiny_z_image(scheduler=None, turbo: bool = False):
     """A tiny ``ZImagePipeline`` (Qwen3 text encoder, 16×16 latents at 32×32 pixels).
 
-    The scheduler is the one the real checkpoints ship: FlowMatchEuler with shift 6 (Z-Image) or
-    3 (``turbo``: Z-Image-Turbo, which is run with ``guidance_scale=0``).
+    The scheduler is the one the real checkpoints ship: FlowMatchEuler without dynamic shifting,
+    shift 3 for ``turbo`` (Z-Image-Turbo's published scheduler config; it is run with
+    ``guidance_scale=0``) and shift 6 for Z-Image (from a secondary source, not checked against the
+    repository's config). The stock call passes ``mu`` too, which this config ignores.
     """
     from diffusers import (
         AutoencoderKL,

@@ -457,7 +457,7 @@ def test_diffusers_guider(pipes, family):
 ], ids=lambda g: type(g).__name__)
 def test_turbo_refuses_guidance_that_needs_the_unconditional_branch(pipes, guidance):
     with pytest.raises(ValueError, match="guidance_scale=0.0 runs no classifier-free guidance .* FK steering or "
-                                         "best-of-N .* FlowOpt"):
+                                         "best-of-N .* FlowOpt without guidance"):
         run(steered(pipes, "z_image_turbo"), "z_image_turbo", guidance=guidance)
 
 
@@ -479,6 +479,21 @@ def test_flowopt_inversion_reduces_the_error(pipes, family):
         result = invert(pipe, images, prompt=["a red cube"], num_inference_steps=3, iterations=4, **call)
     assert sum(result.loss[-1]) < sum(result.loss[0])
     assert result.nfe == counter.rows > 0
+
+
+def test_flowopt_edit_on_z_image_and_turbo(pipes):
+    from steerkit.flowopt import edit
+
+    call = {k: v for k, v in CALLS["z_image"].items() if k != "guidance_scale"}
+    images = torch.rand(1, 3, call["height"], call["width"], generator=generator(4))
+    options = dict(source={"prompt": ["a red cube"]}, target={"prompt": ["a blue ball"]}, num_inference_steps=3, n_max=2,
+                   iterations=2, **call)
+    base = steered(pipes, "z_image", FlowMatchEulerDiscreteScheduler(shift=6.0))
+    assert edit(base, images, target_guidance=3.0, **options).nfe > 0
+    turbo = steered(pipes, "z_image_turbo", FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert edit(turbo, images, target_guidance=1.0, guidance_scale=0.0, **options).nfe > 0
+    with pytest.raises(ValueError, match="FlowOpt without guidance"):
+        edit(turbo, images, target_guidance=3.0, guidance_scale=0.0, **options)
 
 
 def test_pixart_is_not_a_flow_model(pipes):
