@@ -40,6 +40,11 @@ from .stable_diffusion import group_prompts, prompt_batch_size, vae_decode_unit
 PIXART_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_256_BIN}
 
 
+def text_inputs(embeds: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One branch's per-row model inputs: the text embeddings and their attention mask."""
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
 class PixArtSigmaAdapter(Adapter):
     """PixArt-Σ: T5 embeddings with attention masks, ``[uncond; cond]`` batches, learned σ, size bins."""
 
@@ -80,13 +85,8 @@ class PixArtSigmaAdapter(Adapter):
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
         device = pipe._execution_device
-        embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-            call["prompt"], guidance.needs_uncond, negative_prompt=call["negative_prompt"],
-            num_images_per_prompt=rows_per_prompt, device=device, prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"], prompt_attention_mask=call["prompt_attention_mask"],
-            negative_prompt_attention_mask=call["negative_prompt_attention_mask"], clean_caption=call["clean_caption"],
-            max_sequence_length=call["max_sequence_length"],
-        )
+        embeds, mask, negative_embeds, negative_mask = self.encode_prompt(call, guidance.needs_uncond, rows_per_prompt,
+                                                                          device)
         scheduler = self.fresh_scheduler()
         timesteps, num_steps = retrieve_timesteps(scheduler, call["num_inference_steps"], device, call["timesteps"],
                                                   call["sigmas"])
@@ -95,17 +95,26 @@ class PixArtSigmaAdapter(Adapter):
             call["generator"], call["latents"],
         )
         self._route_legacy_callback(call, len(timesteps), num_steps, scheduler)
-        cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
-        uncond = None
-        if guidance.needs_uncond:
-            uncond = {"encoder_hidden_states": negative_embeds, "encoder_attention_mask": negative_mask}
+        uncond = text_inputs(negative_embeds, negative_mask) if guidance.needs_uncond else None
         return Prepared(
-            conditioning=Conditioning(cond, uncond, static={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}),
+            conditioning=Conditioning(text_inputs(embeds, mask), uncond,
+                                      static={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}),
             latents=latents,
             scheduler=scheduler,
             timesteps=timesteps,
             step_kwargs=pipe.prepare_extra_step_kwargs(call["generator"], call["eta"]),
             prompts=group_prompts(call["prompt"], batch_size, call["num_images_per_prompt"]),
+        )
+
+    def encode_prompt(self, call: dict[str, Any], needs_uncond: bool, images_per_prompt: int, device,
+                      **options: Any) -> tuple[torch.Tensor, ...]:
+        """The stock ``encode_prompt`` with the call's prompt arguments (``options``: the family's extras)."""
+        return self.pipe.encode_prompt(
+            call["prompt"], needs_uncond, negative_prompt=call["negative_prompt"],
+            num_images_per_prompt=images_per_prompt, device=device, prompt_embeds=call["prompt_embeds"],
+            negative_prompt_embeds=call["negative_prompt_embeds"], prompt_attention_mask=call["prompt_attention_mask"],
+            negative_prompt_attention_mask=call["negative_prompt_attention_mask"], clean_caption=call["clean_caption"],
+            max_sequence_length=call["max_sequence_length"], **options,
         )
 
     def _route_legacy_callback(self, call: dict[str, Any], num_timesteps: int, num_steps: int, scheduler: Any) -> None:
@@ -130,7 +139,7 @@ class PixArtSigmaAdapter(Adapter):
             [str(label) for label in labels], False, num_images_per_prompt=1, device=self.pipe._execution_device,
             clean_caption=self.call["clean_caption"], max_sequence_length=self.call["max_sequence_length"],
         )
-        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        return text_inputs(embeds, mask)
 
     # --- per step -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:

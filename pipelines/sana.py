@@ -34,7 +34,7 @@ from diffusers.pipelines.sana.pipeline_sana import (
 from steerkit.guidance import Guidance
 
 from .base import Conditioning, Prepared, SteeredMixin
-from .pixart import PixArtSigmaAdapter
+from .pixart import PixArtSigmaAdapter, text_inputs
 from .stable_diffusion import group_prompts, prompt_batch_size
 
 SANA_BINS = {128: ASPECT_RATIO_4096_BIN, 64: ASPECT_RATIO_2048_BIN, 32: ASPECT_RATIO_1024_BIN, 16: ASPECT_RATIO_512_BIN}
@@ -64,19 +64,13 @@ class SanaAdapter(PixArtSigmaAdapter):
         images_per_prompt = call["num_images_per_prompt"]
         device = pipe._execution_device
         attention_kwargs = call["attention_kwargs"]
-        embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-            call["prompt"], guidance.needs_uncond, negative_prompt=call["negative_prompt"],
-            num_images_per_prompt=images_per_prompt, device=device, prompt_embeds=call["prompt_embeds"],
-            negative_prompt_embeds=call["negative_prompt_embeds"], prompt_attention_mask=call["prompt_attention_mask"],
-            negative_prompt_attention_mask=call["negative_prompt_attention_mask"], clean_caption=call["clean_caption"],
-            max_sequence_length=call["max_sequence_length"],
+        embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
+            call, guidance.needs_uncond, images_per_prompt, device,
             complex_human_instruction=call["complex_human_instruction"],
             lora_scale=attention_kwargs.get("scale") if attention_kwargs else None,
         )
-        cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
-        uncond = None
-        if guidance.needs_uncond:
-            uncond = {"encoder_hidden_states": negative_embeds, "encoder_attention_mask": negative_mask}
+        cond = text_inputs(embeds, mask)
+        uncond = text_inputs(negative_embeds, negative_mask) if guidance.needs_uncond else None
         if num_particles > 1:  # each stock row becomes a group of particles (see the module docstring)
             cond = {k: v.repeat_interleave(num_particles, dim=0) for k, v in cond.items()}
             if uncond is not None:
@@ -103,7 +97,7 @@ class SanaAdapter(PixArtSigmaAdapter):
             clean_caption=self.call["clean_caption"], max_sequence_length=self.call["max_sequence_length"],
             complex_human_instruction=self.call["complex_human_instruction"],
         )
-        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        return text_inputs(embeds, mask)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         transformer, dtype = self.pipe.transformer, self.transformer_dtype
