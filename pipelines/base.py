@@ -5,11 +5,57 @@ generically: how to encode prompts and prepare latents (by calling the stock pip
 helpers), how to call the model, how to decode x̂0 for rewards, and how to build the stock output.
 The steered pipeline classes are thin subclasses of the stock ones (``from_pretrained``,
 ``save_pretrained``, offloading and ``from_pipe`` stay stock); only ``__call__`` changes, and it
-takes the stock arguments plus the steering arguments below.
+takes the stock arguments plus the steering arguments below. ``inspect.signature`` of a steered
+``__call__`` is the stock signature with the steering arguments added as keyword-only parameters.
+
+What a steered call does to the pipeline, exactly as the stock ``__call__`` does it:
+
+- **Scheduler.** The call runs on a private copy of ``pipe.scheduler``, installed *as*
+  ``pipe.scheduler`` for the duration of the call, so the stock ``prepare_latents`` reads
+  ``init_noise_sigma`` from the scheduler the call steps, and callbacks and hooks that read
+  ``pipe.scheduler`` (``step_index``, ``sigmas``) see the running scheduler, as under stock. When
+  the call ends (or raises), ``pipe.scheduler`` is the user's object again, left in the state
+  the run left it in (timesteps set, step index at the end): the state a stock call leaves.
+- **Properties.** The private attributes behind the stock properties (``guidance_scale``,
+  ``do_classifier_free_guidance``, ``num_timesteps``, ``interrupt``, ``current_timestep``,
+  ``cross_attention_kwargs`` / ``joint_attention_kwargs``, ``clip_skip``, ``guidance_rescale``,
+  ...) are set when the stock call sets them, and left behind as it leaves them.
+- **Interrupt.** ``pipe._interrupt = True`` (from a callback) skips the remaining steps.
+- **Callbacks.** ``callback_on_step_end`` gets every name in the stock ``_callback_tensor_inputs``,
+  in the stock layout, after each step, and what it returns replaces the loop's tensors.
+- **Caches.** Families whose stock loop wraps model calls in ``cache_context(branch)`` do so here.
+
+Checklist: what a family adapter provides (subclass :class:`Adapter`)
+
+1. ``pipeline_class`` (the stock class) and a ``Steered*Pipeline(SteeredMixin, Stock)`` class with
+   ``adapter_class = YourAdapter``: that registers it for :func:`steer` and gives it the stock signature.
+2. ``branch_order`` / ``batch_branches``: how the stock loop stacks CFG branches.
+3. ``stock_attributes(call)``: the private attributes the stock ``__call__`` sets before its loop
+   (``_joint_attention_kwargs``, ``_clip_skip``, ``_attention_kwargs``, ...). The base sets
+   ``_guidance_scale`` (from the ``guidance_scale`` argument, where the class has that property),
+   ``_interrupt``, ``_num_timesteps`` and ``_current_timestep`` (where the class has that property).
+4. ``prepare(call, num_particles, guidance)``: use ``self.fresh_scheduler()`` (the call's scheduler,
+   already installed as ``pipe.scheduler``), call the stock helpers in the stock order, and return
+   :class:`Prepared`. Pass the call's dtype through: never cast the pipeline.
+5. ``callback_tensors``: for every name in the stock ``_callback_tensor_inputs`` other than
+   ``latents``, the conditioning key it is and its layout (see :data:`CALLBACK_LAYOUTS`). A stock
+   name missing from the map is refused with an error naming the adapter.
+6. ``cache_contexts = True`` when the stock loop wraps each branch's model call in
+   ``denoiser.cache_context("cond")`` / ``("uncond")``; ``denoiser`` when it is neither
+   ``pipe.transformer`` nor ``pipe.unet``.
+7. ``default_guidance(call)``: the stock guidance. Use :meth:`Adapter.pipeline_cfg` when the stock
+   loop reads ``self.guidance_scale`` / ``self.do_classifier_free_guidance`` each step, so a callback
+   that changes ``pipe._guidance_scale`` acts as under stock.
+8. ``forward(x, t, inputs)``: the model call of the stock loop (timestep scaling, ids, kwargs).
+9. ``decode(x0)``: x̂0 → images in [0, 1] float32, for rewards; cast the latents to the VAE's dtype
+   (or upcast exactly when the stock decode upcasts). ``finish(latents, call)``: the stock output.
+10. ``unsupported_arguments``: stock arguments not implemented (a non-default value raises).
+11. Add a line to the conformance registry (``tests/test_conformance.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import time
@@ -23,7 +69,17 @@ from steerkit.loop import denoise
 from steerkit.protocols import Conditioning, RunContext, SteeringHook
 from steerkit.state import ParticleState
 
-__all__ = ["Adapter", "Conditioning", "Prepared", "SteeredMixin", "steer", "register_steered_pipeline"]
+__all__ = ["Adapter", "CALLBACK_LAYOUTS", "Conditioning", "PipelineCFG", "Prepared", "SteeredMixin", "steer",
+           "register_steered_pipeline", "steered_class_for"]
+
+#: How a stock callback tensor maps onto the steered conditioning:
+#: ``"both"``: the branches stacked in the stock order when the call has an unconditional branch
+#: (SD's ``prompt_embeds`` is ``cat([negative, positive])``), the conditional rows otherwise; a
+#: returned tensor with the conditional rows only replaces them and drops the unconditional branch
+#: for the rest of the call (what diffusers' CFG cut-off callbacks do).
+#: ``"cond"``: the conditional rows only (FLUX's ``prompt_embeds``).
+#: ``"uncond"``: the unconditional rows, read-only (the stock loop ignores a replacement too).
+CALLBACK_LAYOUTS = ("both", "cond", "uncond")
 
 
 @dataclass
@@ -38,8 +94,40 @@ class Prepared:
     prompts: list[Any]  # one entry per group of particles (prompt × image-per-prompt)
 
 
+class PipelineCFG(ClassifierFreeGuidance):
+    """Stock CFG read from the pipeline at every step, as the stock loops read it.
+
+    The stock loops use ``self.guidance_scale``, ``self.do_classifier_free_guidance`` and
+    ``self.guidance_rescale`` at each step, so a callback that sets ``pipe._guidance_scale = 0``
+    (diffusers' CFG cut-off callbacks) turns CFG off for the remaining steps. This guidance does
+    the same; with the pipeline's attributes untouched it is :class:`ClassifierFreeGuidance`.
+    """
+
+    def __init__(self, pipe: Any, guidance_scale: float, guidance_rescale: float = 0.0):
+        super().__init__(guidance_scale, guidance_rescale)
+        self.pipe = pipe
+        self.needs_uncond = self._enabled()
+
+    def _enabled(self) -> bool:
+        flag = getattr(self.pipe, "do_classifier_free_guidance", None)
+        return bool(flag) if flag is not None else self._current_scale() > 1.0
+
+    def _current_scale(self) -> float:
+        return float(getattr(self.pipe, "_guidance_scale", self.guidance_scale))
+
+    def scale(self, ctx):
+        return self._current_scale() if self._enabled() else None
+
+    def combine(self, cond, uncond, scale, ctx, rows=None):
+        self.guidance_rescale = float(getattr(self.pipe, "_guidance_rescale", self.guidance_rescale) or 0.0)
+        return super().combine(cond, uncond, scale, ctx, rows)
+
+    def __repr__(self) -> str:
+        return f"ClassifierFreeGuidance(guidance_scale={self.guidance_scale}, guidance_rescale={self.guidance_rescale})"
+
+
 class Adapter:
-    """Base class of the family adapters; subclasses fill in the family's quirks."""
+    """Base class of the family adapters; subclasses fill in the family's quirks (see the checklist above)."""
 
     #: The stock pipeline class this adapter drives.
     pipeline_class: ClassVar[type]
@@ -48,23 +136,54 @@ class Adapter:
     batch_branches: ClassVar[bool] = True
     #: Stock call arguments this adapter does not implement; a non-default value raises.
     unsupported_arguments: ClassVar[tuple[str, ...]] = ()
+    #: Stock callback tensor name → (conditioning key, layout in :data:`CALLBACK_LAYOUTS`).
+    callback_tensors: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: Whether the stock loop runs each branch inside ``denoiser.cache_context(branch)``.
+    cache_contexts: ClassVar[bool] = False
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+        self.scheduler: Any = None  # the call's scheduler, set by the steered call
+        self.call: dict[str, Any] = {}
 
     # --- set-up -------------------------------------------------------------------------------
     def fresh_scheduler(self) -> Any:
-        """A private copy of the pipeline's scheduler: schedulers are stateful and shared."""
-        return copy.deepcopy(self.pipe.scheduler)
+        """The call's scheduler: inside a steered call, the private copy installed as
+        ``pipe.scheduler``; outside one (FlowOpt's flow map), a new private copy."""
+        return self.scheduler if self.scheduler is not None else copy.deepcopy(self.pipe.scheduler)
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline attributes the stock ``__call__`` sets before its loop (``{}``: none)."""
+        return {}
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
         """The guidance the stock call would apply."""
+        if "guidance_scale" in call and isinstance(getattr(type(self.pipe), "guidance_scale", None), property):
+            return self.pipeline_cfg(call["guidance_scale"], call.get("guidance_rescale", 0.0) or 0.0)
         return ClassifierFreeGuidance(call["guidance_scale"], call.get("guidance_rescale", 0.0) or 0.0)
+
+    def pipeline_cfg(self, guidance_scale: float, guidance_rescale: float = 0.0) -> Guidance:
+        """Stock CFG that follows ``pipe._guidance_scale`` during the call (see :class:`PipelineCFG`)."""
+        return PipelineCFG(self.pipe, guidance_scale, guidance_rescale)
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         raise NotImplementedError
 
     # --- per step -----------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> Any:
+        """The model the loop calls (``pipe.transformer`` or ``pipe.unet``)."""
+        return getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+
+    def model_context(self, branches: str) -> contextlib.AbstractContextManager:
+        """Context of one model call on ``branches`` (``"cond"``, ``"uncond"``, ``"uncond+cond"``,
+        an extra branch's name; ``":N"`` is appended for the N-th ``max_batch`` chunk)."""
+        if self.cache_contexts:
+            cache_context = getattr(self.denoiser, "cache_context", None)
+            if cache_context is not None:
+                return cache_context(branches)
+        return contextlib.nullcontext()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -107,7 +226,14 @@ class Adapter:
                 )
 
 
+def vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` in the VAE's dtype (x̂0 is computed in float32; a half-precision VAE needs its own)."""
+    return latents.to(vae.dtype)
+
+
 _STEERED_CLASSES: dict[type, type] = {}
+_DERIVED_CLASSES: dict[type, type] = {}
+STEERING_PARAMETERS = ("guidance", "hooks", "num_particles", "max_batch")
 
 
 def register_steered_pipeline(stock_class: type, steered_class: type) -> None:
@@ -124,7 +250,8 @@ class SteeredMixin:
 
     Steering arguments (keyword only):
         guidance: a :class:`~steerkit.guidance.Guidance` (schedule, adaptive, ...). Default: the
-            stock CFG from ``guidance_scale`` (and ``guidance_rescale`` where the family has it).
+            stock CFG from ``guidance_scale`` (and ``guidance_rescale`` where the family has it),
+            read from the pipeline each step as the stock loop reads it.
         hooks: steering methods (FK steering, best-of-N, ...), applied in order each step.
         num_particles: particles per generated image (``K``); each group of ``K`` particles
             yields what its hooks select (all ``K`` when no hook selects).
@@ -140,32 +267,71 @@ class SteeredMixin:
         super().__init_subclass__(**kwargs)
         if "adapter_class" in cls.__dict__:
             register_steered_pipeline(cls.adapter_class.pipeline_class, cls)
+        if "__call__" not in cls.__dict__ and hasattr(cls, "adapter_class"):
+            cls.__call__ = _steered_call_method(cls)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        *args,
-        guidance: Guidance | None = None,
-        hooks: SteeringHook | list[SteeringHook] | tuple[SteeringHook, ...] = (),
-        num_particles: int = 1,
-        max_batch: int | None = None,
-        **kwargs,
-    ):
-        started = time.perf_counter()
-        call, adapter = bind_call(self, args, kwargs)
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-            raise ValueError(f"num_particles must be an integer ≥ 1, got {num_particles!r}")
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be None or an integer ≥ 1, got {max_batch!r}")
-        hooks = [hooks] if isinstance(hooks, SteeringHook) else list(hooks)
-        for hook in hooks:
-            if not isinstance(hook, SteeringHook):
-                raise TypeError(f"hooks must be SteeringHook instances, got {type(hook).__name__}")
-        guidance = guidance if guidance is not None else adapter.default_guidance(call)
-        if not isinstance(guidance, Guidance):
-            raise TypeError(f"guidance must be a steerkit Guidance, got {type(guidance).__name__}")
+    def __call__(self, *args, guidance: Guidance | None = None,
+                 hooks: SteeringHook | list[SteeringHook] | tuple[SteeringHook, ...] = (),
+                 num_particles: int = 1, max_batch: int | None = None, **kwargs):
+        return steered_call(self, args, kwargs, guidance, hooks, num_particles, max_batch)
 
+
+def _steered_call_method(cls: type):
+    """``__call__`` for ``cls``: the steered call, with the stock signature plus the steering
+    arguments as keyword-only parameters (code that inspects the signature sees the stock one)."""
+    stock_call = _stock_class(cls).__call__
+    stock_signature = inspect.signature(stock_call)
+    clashes = set(STEERING_PARAMETERS) & set(stock_signature.parameters)
+    if clashes:
+        raise TypeError(f"{cls.__name__}: the stock call already has parameters {sorted(clashes)}")
+    own = inspect.signature(SteeredMixin.__call__).parameters
+    steering = [own[name] for name in STEERING_PARAMETERS]
+    parameters = [p for p in stock_signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    var_keyword = [p for p in stock_signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    signature = stock_signature.replace(parameters=[*parameters, *steering, *var_keyword])
+
+    @torch.no_grad()
+    def __call__(self, *args, guidance=None, hooks=(), num_particles=1, max_batch=None, **kwargs):
+        return steered_call(self, args, kwargs, guidance, hooks, num_particles, max_batch)
+
+    __call__.__signature__ = signature
+    __call__.__qualname__ = f"{cls.__qualname__}.__call__"
+    __call__.__module__ = cls.__module__
+    __call__.__doc__ = (stock_call.__doc__ or "") + "\n" + (SteeredMixin.__doc__ or "")
+    return __call__
+
+
+def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guidance | None,
+                 hooks: Any, num_particles: int, max_batch: int | None) -> Any:
+    """One steered call: the stock call's arguments and state, the steerkit loop."""
+    started = time.perf_counter()
+    call, adapter = bind_call(pipe, args, kwargs)
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be an integer ≥ 1, got {num_particles!r}")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be None or an integer ≥ 1, got {max_batch!r}")
+    hooks = [hooks] if isinstance(hooks, SteeringHook) else list(hooks)
+    for hook in hooks:
+        if not isinstance(hook, SteeringHook):
+            raise TypeError(f"hooks must be SteeringHook instances, got {type(hook).__name__}")
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be a steerkit Guidance, got {type(guidance).__name__}")
+    session = StockSession(pipe, adapter, call)
+    with session.running_scheduler():
+        # Every diffusers pipeline with a guidance_scale property sets it first thing; so do we, so
+        # that an adapter that forgets it never reads the scale of an earlier call.
+        if "guidance_scale" in call and isinstance(getattr(type(pipe), "guidance_scale", None), property):
+            pipe._guidance_scale = call["guidance_scale"]
+        for name, value in adapter.stock_attributes(call).items():
+            setattr(pipe, name, value)
+        pipe._interrupt = False
+        if session.tracks_timestep:
+            pipe._current_timestep = None
+        guidance = guidance if guidance is not None else adapter.default_guidance(call)
         prepared = adapter.prepare(call, num_particles, guidance)
+        session.check_tensor_inputs()
+        pipe._num_timesteps = len(prepared.timesteps)
         num_rows = prepared.latents.shape[0]
         num_groups = num_rows // num_particles
         state = ParticleState(prepared.latents, num_prompts=num_groups, num_particles=num_particles)
@@ -179,14 +345,13 @@ class SteeredMixin:
             scheduler=prepared.scheduler,
             step_kwargs=prepared.step_kwargs,
         )
-        callback = _stock_callback(self, call)
         prepare_s = time.perf_counter() - started
         # Methods load their models and check their inputs here, before the progress bar opens, so
         # that a bad argument is one clean error rather than an error under a half-drawn bar.
         guidance.start_run(run, state)
         for hook in hooks:
             hook.start(run, state)
-        with self.progress_bar(total=len(prepared.timesteps)) as progress:
+        with pipe.progress_bar(total=len(prepared.timesteps)) as progress:
             state, trace = denoise(
                 adapter,
                 prepared.conditioning,
@@ -197,9 +362,11 @@ class SteeredMixin:
                 hooks=hooks,
                 step_kwargs=prepared.step_kwargs,
                 max_batch=max_batch,
-                callback=callback,
                 progress_bar=progress,
+                session=session,
             )
+        if session.tracks_timestep:
+            pipe._current_timestep = None
         latents = state.latents
         for hook in hooks:
             rows = hook.select(state)
@@ -209,12 +376,12 @@ class SteeredMixin:
                 break
         decode_started = time.perf_counter()
         output = adapter.finish(latents, call)
-        trace.timings.update(prepare_s=prepare_s, decode_s=time.perf_counter() - decode_started,
-                             total_s=time.perf_counter() - started)
-        trace.extras.setdefault("guidance", repr(guidance))
-        if not isinstance(output, tuple):
-            output.steering = trace
-        return output
+    trace.timings.update(prepare_s=prepare_s, decode_s=time.perf_counter() - decode_started,
+                         total_s=time.perf_counter() - started)
+    trace.extras.setdefault("guidance", repr(guidance))
+    if not isinstance(output, tuple):
+        output.steering = trace
+    return output
 
 
 def bind_call(pipe: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Adapter]:
@@ -237,56 +404,149 @@ def bind_call(pipe: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str,
     return call, adapter
 
 
-def _stock_callback(pipe: Any, call: dict[str, Any]):
-    """Adapt the stock ``callback_on_step_end`` to the loop (only ``latents`` can be exchanged)."""
-    stock = call.get("callback_on_step_end")
-    if stock is None:
-        return None
-    names = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
-    if hasattr(stock, "tensor_inputs"):
-        names = list(stock.tensor_inputs)
-    if set(names) - {"latents"}:
-        raise NotImplementedError(
-            f"steered pipelines pass only 'latents' to callback_on_step_end, not {sorted(set(names) - {'latents'})}"
+class StockSession:
+    """The stock pipeline's observable state during one steered call (a :class:`~steerkit.protocols.StepSession`).
+
+    Owns the call's scheduler (installed as ``pipe.scheduler`` while the call runs), the interrupt
+    flag, ``current_timestep``, and the stock ``callback_on_step_end`` with every tensor input the
+    stock pipeline allows, in the stock layout. Under particle resampling the conditioning rows
+    follow their particles, so a callback sees (and may replace) the rows in the current particle
+    order; row ``j`` of a tensor is particle slot ``j`` at this step.
+    """
+
+    def __init__(self, pipe: Any, adapter: Adapter, call: dict[str, Any]):
+        self.pipe, self.adapter = pipe, adapter
+        self.tracks_timestep = isinstance(getattr(type(pipe), "current_timestep", None), property)
+        self.callback = call.get("callback_on_step_end")
+        names = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
+        if hasattr(self.callback, "tensor_inputs"):  # a PipelineCallback brings its own, as in stock
+            names = list(self.callback.tensor_inputs)
+        self.names = names if self.callback is not None else []
+
+    def check_tensor_inputs(self) -> None:
+        """After the adapter's stock ``check_inputs`` (which refuses names the stock pipeline does
+        not allow, with the stock message): every allowed name must be mapped by the adapter."""
+        for name in self.names:
+            if name != "latents" and name not in self.adapter.callback_tensors:
+                raise NotImplementedError(f"{type(self.adapter).__name__} does not map the callback tensor input {name!r}")
+
+    @contextlib.contextmanager
+    def running_scheduler(self):
+        """Install a private copy of the scheduler as ``pipe.scheduler`` for the call (see the module docstring)."""
+        pipe = self.pipe
+        user = pipe.scheduler
+        run = copy.deepcopy(user)
+        self.adapter.scheduler = run
+        # Straight into __dict__: DiffusionPipeline.__setattr__ would re-register the config.
+        pipe.__dict__["scheduler"] = run
+        try:
+            yield run
+        finally:
+            if pipe.__dict__.get("scheduler") is run:  # a callback may have set a scheduler of its own
+                pipe.__dict__["scheduler"] = user
+                user.__dict__.update(run.__dict__)
+
+    def interrupted(self) -> bool:
+        return bool(getattr(self.pipe, "_interrupt", False))
+
+    def begin_step(self, step: int, timestep: torch.Tensor) -> None:
+        if self.tracks_timestep:
+            self.pipe._current_timestep = timestep
+
+    def end_step(self, step: int, timestep: torch.Tensor, state: ParticleState,
+                 conditioning: Conditioning) -> tuple[ParticleState, Conditioning]:
+        if self.callback is None:
+            return state, conditioning
+        given = {name: self._tensor(name, state, conditioning) for name in self.names}
+        outputs = self.callback(self.pipe, step, timestep, dict(given)) or {}
+        for name, value in outputs.items():
+            if name not in given or value is given[name]:
+                continue
+            if name == "latents":
+                state.latents = value
+            elif name in self.adapter.callback_tensors:
+                conditioning = self._replace(name, value, state.batch_size, conditioning)
+        return state, conditioning
+
+    def _tensor(self, name: str, state: ParticleState, conditioning: Conditioning) -> torch.Tensor | None:
+        if name == "latents":
+            return state.latents
+        key, layout = self.adapter.callback_tensors[name]
+        if layout == "cond" or (layout == "both" and conditioning.uncond is None):
+            return conditioning.cond[key]
+        if layout == "uncond":
+            return None if conditioning.uncond is None else conditioning.uncond[key]
+        parts = {"cond": conditioning.cond[key], "uncond": conditioning.uncond[key]}
+        return torch.cat([parts[branch] for branch in self.adapter.branch_order])
+
+    def _replace(self, name: str, value: torch.Tensor, rows: int, conditioning: Conditioning) -> Conditioning:
+        key, layout = self.adapter.callback_tensors[name]
+        if layout == "uncond":
+            return conditioning  # the stock loops ignore a replaced negative tensor as well
+        cond = dict(conditioning.cond)
+        uncond = None if conditioning.uncond is None else dict(conditioning.uncond)
+        if value.shape[0] == rows:
+            cond[key] = value
+            if layout == "both":
+                uncond = None  # the conditional rows only: the unconditional branch is cut off
+        elif layout == "both" and uncond is not None and value.shape[0] == 2 * rows:
+            first, second = value.split(rows)
+            order = self.adapter.branch_order
+            parts = dict(zip(order, (first, second)))
+            cond[key], uncond[key] = parts["cond"], parts["uncond"]
+        else:
+            expected = f"{rows} (conditional rows)" + (f" or {2 * rows} (both branches)" if layout == "both" else "")
+            raise ValueError(f"callback_on_step_end returned {name!r} with {value.shape[0]} rows; expected {expected}")
+        if uncond is not None and set(uncond) != set(cond):
+            uncond = None
+        return Conditioning(cond, uncond, conditioning.static)
+
+
+def steered_class_for(stock_type: type) -> type:
+    """The steered class for instances of ``stock_type``: the registered class for a stock class,
+    or a class built on the user's subclass (its methods kept) for a subclass of one."""
+    _load_adapters()
+    for base in stock_type.__mro__:
+        steered = _STEERED_CLASSES.get(base)
+        if steered is not None:
+            break
+    else:
+        supported = sorted(c.__name__ for c in _STEERED_CLASSES)
+        raise TypeError(f"steerkit has no adapter for {stock_type.__name__}; supported pipelines: {supported}")
+    if stock_type is base:
+        return steered
+    between = stock_type.__mro__[: stock_type.__mro__.index(base)]
+    overriding = [cls.__name__ for cls in between if "__call__" in cls.__dict__]
+    if overriding:
+        raise TypeError(
+            f"{stock_type.__name__} overrides __call__ ({', '.join(overriding)}); steerkit runs the stock "
+            f"{base.__name__} loop and cannot run another one: steer a {base.__name__}, or keep the subclass's "
+            "changes outside __call__"
         )
-
-    def callback(i: int, t: torch.Tensor, state: ParticleState):
-        outputs = stock(pipe, i, t, {"latents": state.latents}) or {}
-        if "latents" in outputs and outputs["latents"] is not state.latents:
-            state.latents = outputs["latents"]
-        return state
-
-    return callback
+    if stock_type not in _DERIVED_CLASSES:
+        _DERIVED_CLASSES[stock_type] = type(
+            f"Steered{stock_type.__name__}", (steered, stock_type),
+            {"__module__": stock_type.__module__, "__doc__": f"{stock_type.__name__} with steering arguments on its call."},
+        )
+    return _DERIVED_CLASSES[stock_type]
 
 
 def steer(pipe: Any) -> Any:
     """The steered version of a stock pipeline instance, sharing its modules (no copy of weights).
+
+    The steered pipeline is a shallow twin of ``pipe``: the same modules, scheduler, config and
+    attributes (offload hooks, progress-bar settings, DiT's class names), of the steered class.
+    Nothing of ``pipe`` changes: not its dtype, device or offloading.
 
     >>> pipe = steer(StableDiffusionPipeline.from_pretrained(...))   # doctest: +SKIP
     >>> out = pipe("a cat", hooks=[...], num_particles=4)             # doctest: +SKIP
     """
     if isinstance(pipe, SteeredMixin):
         return pipe
-    _load_adapters()
-    for cls in type(pipe).__mro__:
-        steered = _STEERED_CLASSES.get(cls)
-        if steered is not None:
-            return _quietly(steered.from_pipe, pipe)
-    supported = sorted(c.__name__ for c in _STEERED_CLASSES)
-    raise TypeError(f"steerkit has no adapter for {type(pipe).__name__}; supported pipelines: {supported}")
-
-
-def _quietly(function, *args, **kwargs):
-    """Run ``function`` with diffusers' logger at ERROR: ``from_pipe`` warns about float32 modules
-    on every call, which is noise when the modules are shared as they are."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        return function(*args, **kwargs)
-    finally:
-        diffusers_logging.set_verbosity(level)
+    steered_type = steered_class_for(type(pipe))
+    steered = steered_type.__new__(steered_type)
+    steered.__dict__.update(pipe.__dict__)
+    return steered
 
 
 def _load_adapters() -> None:

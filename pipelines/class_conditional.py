@@ -25,6 +25,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from steerkit.guidance import ClassifierFreeGuidance, Guidance
+
 from .base import Adapter, Conditioning, Prepared, SteeredMixin
 
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor
@@ -41,6 +43,7 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet: UNet2DModel, scheduler, id2label: dict[str, str] | None = None):
         super().__init__()
@@ -89,6 +92,24 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
             raise ValueError("class_labels is empty")
         return ids
 
+    # --- call state, as the diffusers pipelines expose it ------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (from a callback) to skip the remaining steps."""
+        return self._interrupt
+
     # --- the stock-style call ---------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -110,16 +131,23 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
         ``callback_on_step_end(pipe, i, t, {"latents": ...})`` runs after every step, as in the stock
         pipelines; returning ``{"latents": new}`` replaces the latents.
         """
+        self.check_inputs(num_images_per_prompt, num_inference_steps, callback_on_step_end_tensor_inputs)
         ids = self.get_label_ids(class_labels)
         batch = len(ids) * num_images_per_prompt
         device = self._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(num_images_per_prompt)
         do_cfg = guidance_scale > 1.0
-        latents = self.prepare_latents(batch, generator, latents, device)
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        # Timesteps first: prepare_latents scales by this call's init_noise_sigma, never the last call's.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        latents = self.prepare_latents(batch, generator, latents, device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         class_input = torch.cat([torch.full_like(class_ids, self.null_class_id), class_ids]) if do_cfg else class_ids
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
                 model_input = self.scheduler.scale_model_input(model_input, t)
@@ -130,7 +158,7 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
             latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
             if callback_on_step_end is not None:
                 names = callback_on_step_end_tensor_inputs or ["latents"]
-                outputs = callback_on_step_end(self, i, t, {name: locals()[name] for name in names}) or {}
+                outputs = callback_on_step_end(self, i, t, {name: latents for name in names}) or {}
                 latents = outputs.pop("latents", latents)
         image = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
@@ -138,10 +166,27 @@ class ClassConditionalUNetPipeline(DiffusionPipeline):
             return (image,)
         return ImagePipelineOutput(images=image)
 
+    def check_inputs(self, num_images_per_prompt: int, num_inference_steps: int,
+                     callback_on_step_end_tensor_inputs: list[str] | None) -> None:
+        """Refuse bad call arguments with one clear error each, as the diffusers pipelines do."""
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}")
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
+                             f"but found {sorted(unknown)}")
+
     def prepare_latents(self, batch: int, generator, latents: torch.Tensor | None, device) -> torch.Tensor:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch, self.unet.config.in_channels, *size)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+                f" size of {batch}. Make sure the batch size matches the length of the generators."
+            )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
@@ -167,17 +212,24 @@ class ClassConditionalUNetAdapter(Adapter):
 
     pipeline_class = ClassConditionalUNetPipeline
 
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_guidance_scale": call["guidance_scale"]}
+
+    def default_guidance(self, call: dict[str, Any]) -> Guidance:
+        # The stock loop fixes its CFG layout at the start, so a changed pipe._guidance_scale has no effect.
+        return ClassifierFreeGuidance(call["guidance_scale"])
+
     def prepare(self, call: dict[str, Any], num_particles: int, guidance) -> Prepared:
         pipe = self.pipe
+        pipe.check_inputs(call["num_images_per_prompt"], call["num_inference_steps"],
+                          call["callback_on_step_end_tensor_inputs"])
         ids = pipe.get_label_ids(call["class_labels"])
-        if isinstance(call["num_images_per_prompt"], bool) or call["num_images_per_prompt"] < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {call['num_images_per_prompt']!r}")
         device = pipe._execution_device
         class_ids = torch.tensor(ids, device=device).repeat_interleave(call["num_images_per_prompt"] * num_particles)
         uncond = {"class_labels": torch.full_like(class_ids, pipe.null_class_id)} if guidance.needs_uncond else None
-        latents = pipe.prepare_latents(len(class_ids), call["generator"], call["latents"], device)
         scheduler = self.fresh_scheduler()
         scheduler.set_timesteps(call["num_inference_steps"], device=device)
+        latents = pipe.prepare_latents(len(class_ids), call["generator"], call["latents"], device)
         id2label = pipe.config.get("id2label") or {}
         groups = [id2label.get(str(i), str(i)) for i in ids for _ in range(call["num_images_per_prompt"])]
         return Prepared(

@@ -30,6 +30,19 @@ from .base import Adapter, Conditioning, Prepared, SteeredMixin
 NULL_CLASS = 1000
 
 
+def flat_labels(labels: Any) -> list[Any]:
+    """Class labels as one flat list: the stock call flattens ``torch.tensor(class_labels)``, so
+    nested lists (``[[1], [2]]``) and tensors of any shape are accepted, as are single labels."""
+    if isinstance(labels, torch.Tensor):
+        return labels.reshape(-1).tolist()
+    if isinstance(labels, (int, str)):
+        return [labels]
+    flat: list[Any] = []
+    for label in labels:
+        flat.extend(flat_labels(label) if isinstance(label, (list, tuple, torch.Tensor)) else [label])
+    return flat
+
+
 class DiTAdapter(Adapter):
     """DiT: class labels, ``[cond; uncond]`` batches, learned-σ channels dropped before guidance."""
 
@@ -41,9 +54,7 @@ class DiTAdapter(Adapter):
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
-        labels = call["class_labels"]
-        if isinstance(labels, (int, str)):
-            labels = [labels]
+        labels = flat_labels(call["class_labels"])
         ids = [self._label_id(label) for label in labels]
         if not ids:
             raise ValueError("class_labels is empty")

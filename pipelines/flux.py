@@ -28,15 +28,25 @@ class FluxAdapter(Adapter):
     pipeline_class = FluxPipeline
     branch_order = ("cond", "uncond")
     batch_branches = False
+    cache_contexts = True
+    callback_tensors = {"prompt_embeds": ("encoder_hidden_states", "cond")}
     unsupported_arguments = (
         "ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds",
     )
 
-    def default_guidance(self, call: dict[str, Any]) -> Guidance:
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_guidance_scale": call["guidance_scale"], "_joint_attention_kwargs": call["joint_attention_kwargs"]}
+
+    @staticmethod
+    def true_cfg(call: dict[str, Any]) -> bool:
+        """Whether the stock call runs true CFG: a scale above 1 and a negative prompt."""
         has_negative = call["negative_prompt"] is not None or (
             call["negative_prompt_embeds"] is not None and call["negative_pooled_prompt_embeds"] is not None
         )
-        return ClassifierFreeGuidance(call["true_cfg_scale"] if has_negative else 1.0)
+        return call["true_cfg_scale"] > 1 and has_negative
+
+    def default_guidance(self, call: dict[str, Any]) -> Guidance:
+        return ClassifierFreeGuidance(call["true_cfg_scale"] if self.true_cfg(call) else 1.0)
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
@@ -50,10 +60,17 @@ class FluxAdapter(Adapter):
             callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
             max_sequence_length=call["max_sequence_length"],
         )
+        embeds, negative = call["prompt_embeds"], call["negative_prompt_embeds"]
+        if self.true_cfg(call) and embeds is not None and negative is not None and embeds.shape != negative.shape:
+            raise ValueError(
+                "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but got: "
+                f"`prompt_embeds` {embeds.shape} != `negative_prompt_embeds` {negative.shape}."
+            )
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
         device = pipe._execution_device
         attention_kwargs = call["joint_attention_kwargs"] or {}
+        pipe._joint_attention_kwargs = attention_kwargs  # the stock loop's {} for None, the same dict object
         lora_scale = attention_kwargs.get("scale")
         encode = dict(device=device, num_images_per_prompt=rows_per_prompt,
                       max_sequence_length=call["max_sequence_length"], lora_scale=lora_scale)

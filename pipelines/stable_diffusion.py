@@ -9,9 +9,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from steerkit.guidance import ClassifierFreeGuidance, Guidance
+from steerkit.guidance import Guidance
 
-from .base import Adapter, Conditioning, Prepared, SteeredMixin
+from .base import Adapter, Conditioning, Prepared, SteeredMixin, vae_input
 
 
 def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
@@ -32,7 +32,7 @@ def group_prompts(prompt: Any, batch_size: int, images_per_prompt: int) -> list[
 def vae_decode_unit(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
     """Decode SD-style VAE latents to images in [0, 1] (float32), for rewards."""
     vae = pipe.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    z = vae_input(vae, latents) / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         z = z + vae.config.shift_factor
     image = vae.decode(z, return_dict=False)[0]
@@ -51,17 +51,32 @@ def vae_encode_unit(pipe: Any, images: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+IP_ADAPTER_KEY = "ip_adapter_image_embeds."
+
+
+def ip_adapter_embeds(inputs: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The UNet's ``image_embeds`` list (one tensor per IP-Adapter), or ``None`` without an image prompt."""
+    keys = sorted((key for key in inputs if key.startswith(IP_ADAPTER_KEY)), key=lambda key: int(key[len(IP_ADAPTER_KEY):]))
+    return [inputs[key] for key in keys] or None
+
+
 class StableDiffusionAdapter(Adapter):
     """SD 1.x/2.x: one batched ``[uncond; cond]`` UNet call, ε or v prediction, VAE latents."""
 
     pipeline_class = StableDiffusionPipeline
-    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
+    callback_tensors = {
+        "prompt_embeds": ("encoder_hidden_states", "both"),
+        "negative_prompt_embeds": ("encoder_hidden_states", "uncond"),
+    }
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_guidance_scale": call["guidance_scale"], "_guidance_rescale": call["guidance_rescale"],
+                "_clip_skip": call["clip_skip"], "_cross_attention_kwargs": call["cross_attention_kwargs"]}
 
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
-        # LCM-distilled UNets take the scale as an embedding and the stock pipeline runs no CFG.
-        if self.pipe.unet.config.time_cond_proj_dim is not None:
-            return ClassifierFreeGuidance(1.0)
-        return ClassifierFreeGuidance(call["guidance_scale"], call["guidance_rescale"])
+        # The pipeline's do_classifier_free_guidance is False for LCM-distilled UNets (they take the
+        # scale as an embedding), so the stock loop and this guidance run no CFG for them.
+        return self.pipeline_cfg(call["guidance_scale"], call["guidance_rescale"])
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
@@ -69,7 +84,8 @@ class StableDiffusionAdapter(Adapter):
         width = call["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
             call["prompt"], height, width, None, call["negative_prompt"], call["prompt_embeds"],
-            call["negative_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+            call["negative_prompt_embeds"], call["ip_adapter_image"], call["ip_adapter_image_embeds"],
+            call["callback_on_step_end_tensor_inputs"],
         )
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
@@ -89,7 +105,23 @@ class StableDiffusionAdapter(Adapter):
         )
         cond = {"encoder_hidden_states": prompt_embeds}
         uncond = {"encoder_hidden_states": negative_embeds} if guidance.needs_uncond else None
+        self.add_ip_adapter_inputs(call, cond, uncond, latents.shape[0], device)
         return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
+
+    def add_ip_adapter_inputs(self, call: dict[str, Any], cond: dict, uncond: dict | None, rows: int, device) -> None:
+        """IP-Adapter image embeddings as per-row inputs of each branch (they then follow particles
+        under resampling). The stock helper builds ``cat([negative, positive])`` per adapter."""
+        if call["ip_adapter_image"] is None and call["ip_adapter_image_embeds"] is None:
+            return
+        embeds = self.pipe.prepare_ip_adapter_image_embeds(
+            call["ip_adapter_image"], call["ip_adapter_image_embeds"], device, rows, uncond is not None
+        )
+        for k, per_adapter in enumerate(embeds):
+            key = f"{IP_ADAPTER_KEY}{k}"
+            if uncond is not None:
+                uncond[key], cond[key] = per_adapter.chunk(2)
+            else:
+                cond[key] = per_adapter
 
     def unet_prepared(self, call, cond, uncond, latents, scheduler, timesteps, batch_size) -> Prepared:
         """The SD/SDXL tail: LCM guidance embedding (if the UNet takes one) and the stock step kwargs."""
@@ -124,7 +156,8 @@ class StableDiffusionAdapter(Adapter):
         )[0]
 
     def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        return None
+        images = ip_adapter_embeds(inputs)
+        return None if images is None else {"image_embeds": images}
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return vae_decode_unit(self.pipe, x0)

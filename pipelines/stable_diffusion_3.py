@@ -12,7 +12,8 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     retrieve_timesteps,
 )
 
-from steerkit.guidance import Guidance
+from steerkit.guidance import Guidance, SkipLayerGuidance
+from steerkit.guidance.perturbed import SKIP_BRANCH
 
 from .base import Adapter, Conditioning, Prepared, SteeredMixin
 from .stable_diffusion import group_prompts, prompt_batch_size, vae_decode_unit, vae_encode_unit
@@ -22,7 +23,24 @@ class StableDiffusion3Adapter(Adapter):
     """SD3: MMDiT flow-matching transformer, pooled projections, one batched ``[uncond; cond]`` call."""
 
     pipeline_class = StableDiffusion3Pipeline
-    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
+    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
+    callback_tensors = {
+        "prompt_embeds": ("encoder_hidden_states", "both"),
+        "pooled_prompt_embeds": ("pooled_projections", "both"),
+    }
+    #: SD3's transformer skips blocks itself (``skip_layers``): skip-layer guidance's perturbation.
+    perturbations = (SKIP_BRANCH,)
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_guidance_scale": call["guidance_scale"], "_skip_layer_guidance_scale": call["skip_layer_guidance_scale"],
+                "_clip_skip": call["clip_skip"], "_joint_attention_kwargs": call["joint_attention_kwargs"]}
+
+    def default_guidance(self, call: dict[str, Any]) -> Guidance:
+        cfg = self.pipeline_cfg(call["guidance_scale"])
+        if call["skip_guidance_layers"] is None:
+            return cfg
+        return SkipLayerGuidance(call["skip_guidance_layers"], call["skip_layer_guidance_scale"],
+                                 call["skip_layer_guidance_start"], call["skip_layer_guidance_stop"], base=cfg)
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
@@ -37,6 +55,9 @@ class StableDiffusion3Adapter(Adapter):
             callback_on_step_end_tensor_inputs=call["callback_on_step_end_tensor_inputs"],
             max_sequence_length=call["max_sequence_length"],
         )
+        if call["skip_guidance_layers"] is not None and not isinstance(guidance, SkipLayerGuidance):
+            raise ValueError("skip_guidance_layers with guidance=...: wrap your guidance as "
+                             "SkipLayerGuidance(layers, scale, start, stop, base=your_guidance)")
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
         device = pipe._execution_device
@@ -100,6 +121,7 @@ class StableDiffusion3Adapter(Adapter):
             pooled_projections=inputs["pooled_projections"],
             joint_attention_kwargs=inputs.get("joint_attention_kwargs"),
             return_dict=False,
+            **({"skip_layers": inputs[SKIP_BRANCH]} if inputs.get(SKIP_BRANCH) is not None else {}),
         )[0]
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,22 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 
 from steerkit.guidance import Guidance
 
-from .base import Prepared, SteeredMixin
-from .stable_diffusion import StableDiffusionAdapter, prompt_batch_size
+from .base import Prepared, SteeredMixin, vae_input
+from .stable_diffusion import StableDiffusionAdapter, ip_adapter_embeds, prompt_batch_size
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """SDXL: SD plus pooled text embeddings and size/crop time ids as added conditions."""
 
     pipeline_class = StableDiffusionXLPipeline
+    callback_tensors = {
+        "prompt_embeds": ("encoder_hidden_states", "both"),
+        "add_text_embeds": ("text_embeds", "both"),
+        "add_time_ids": ("time_ids", "both"),
+    }
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {**super().stock_attributes(call), "_denoising_end": call["denoising_end"]}
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         pipe = self.pipe
@@ -35,7 +43,8 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         pipe.check_inputs(
             call["prompt"], call["prompt_2"], height, width, None, call["negative_prompt"], call["negative_prompt_2"],
             call["prompt_embeds"], call["negative_prompt_embeds"], call["pooled_prompt_embeds"],
-            call["negative_pooled_prompt_embeds"], None, None, call["callback_on_step_end_tensor_inputs"],
+            call["negative_pooled_prompt_embeds"], call["ip_adapter_image"], call["ip_adapter_image_embeds"],
+            call["callback_on_step_end_tensor_inputs"],
         )
         batch_size = prompt_batch_size(call["prompt"], call["prompt_embeds"])
         rows_per_prompt = call["num_images_per_prompt"] * num_particles
@@ -87,6 +96,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
                 "text_embeds": negative_pooled.to(device),
                 "time_ids": negative_time_ids.to(device).repeat(rows, 1),
             }
+        self.add_ip_adapter_inputs(call, cond, uncond, rows, device)
         return self.unet_prepared(call, cond, uncond, latents, scheduler, timesteps, batch_size)
 
     def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
@@ -97,17 +107,25 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
     def added_cond_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        images = ip_adapter_embeds(inputs)
+        if images is not None:
+            added["image_embeds"] = images
+        return added
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return (self._vae_decode(x0).float() / 2 + 0.5).clamp(0, 1)
+        return (self._vae_decode(x0, for_reward=True).float() / 2 + 0.5).clamp(0, 1)
 
-    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _vae_decode(self, latents: torch.Tensor, for_reward: bool = False) -> torch.Tensor:
+        """The stock SDXL decode (upcasting a float16 VAE when its config asks for it); for rewards
+        the float32 x̂0 is first cast to the VAE's dtype when it is not upcast."""
         vae = self.pipe.vae
         upcast = vae.dtype == torch.float16 and vae.config.force_upcast
         if upcast:
             self.pipe.upcast_vae()
             latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        elif for_reward:
+            latents = vae_input(vae, latents)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
             mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)

@@ -3,23 +3,31 @@
     steerkit generate Sneaker Bag --method fk --particles 4        # bundled fashion-flow model
     steerkit generate "a red cube" --model path/to/sd --steps 30   # any diffusers pipeline
 
-Errors on bad input are one line on stderr and exit status 2, never a traceback.
+Every failure a user can cause (bad arguments, a missing device or weights, a broken model
+directory, a full disk, a run too large for memory, a diverged sampler) is one line on stderr,
+``steerkit: error: ...``, and exit status 2; anything else is one line and status 1. ``--debug``
+(or ``STEERKIT_DEBUG=1``) prints the traceback as well. Warnings are one line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
-import platform
+import os
 import re
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
-from steerkit.io import atomic_write
+from steerkit.images import MAX_PIXELS
+from steerkit.io import OutputInUse, OutputLock, atomic_write
 
 METHODS = ("none", "fk", "best-of-n")
 SCHEDULERS = {
@@ -38,6 +46,11 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+#: Set to 1 to print the traceback of an error, as ``--debug`` does.
+DEBUG_ENV = "STEERKIT_DEBUG"
+USER_ERRORS = (CliError, ValueError, TypeError, NotImplementedError, OutputInUse)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not the usage block
         raise CliError(message)
@@ -50,6 +63,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -109,8 +129,14 @@ def _guidance_spec(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"on an error, print the traceback too (or set {DEBUG_ENV}=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="steerkit", description="Inference-time steering for diffusers pipelines.")
+    _add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     gen = commands.add_parser(
         "generate",
@@ -188,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--out", type=Path, default=Path("steerkit-out"), help="output directory")
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    _add_debug(gen, argparse.SUPPRESS)
     for name, help_text in (("invert", "find the noise that regenerates an image (FlowOpt)"),
                             ("edit", "edit an image toward a target class or prompt (FlowOpt)")):
         sub = commands.add_parser(name, help=help_text, description=help_text + ". Flow-matching models only.",
@@ -202,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=_positive_int, default=10 if name == "invert" else 15, help="T")
         sub.add_argument("--n-max", type=_positive_int, default=None, help="start at this many of the T steps")
         sub.add_argument("--iterations", type=_positive_int, default=20 if name == "invert" else 8)
-        sub.add_argument("--step-size", type=_non_negative_float, default=None, help="η (default: half the estimated bound)")
+        sub.add_argument("--step-size", type=_positive_float, default=None, help="η > 0 (default: half the estimated bound)")
         sub.add_argument("--tol", type=_non_negative_float, default=0.0, help="stop when every MSE is below this")
         sub.add_argument("--init", choices=["uniinv", "euler"], default="uniinv",
                          help="starting inversion: UniInv (as FlowOpt's reference code) or plain Euler ODE inversion")
@@ -211,53 +238,169 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--acceleration", choices=["anderson", "none"], default="anderson" if name == "invert" else "none",
                          help="Anderson mixing of the FlowOpt iterates, or the paper's plain iteration")
         sub.add_argument("--resize", action="store_true", help="resize images to the model's size")
+        sub.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS,
+                         help="refuse larger images, before decoding them")
         sub.add_argument("--device", default=None)
         sub.add_argument("--out", type=Path, default=Path(f"steerkit-{name}"))
         sub.add_argument("--overwrite", action="store_true")
+        _add_debug(sub, argparse.SUPPRESS)
     from steerkit.compare import add_compare_parser  # `steerkit compare` lives in compare.py
 
-    add_compare_parser(commands)
+    _add_debug(add_compare_parser(commands), argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        args = parser.parse_args(argv)
-        args.argv = argv
-        if args.command is None:
-            parser.print_help()
-            return 2
-        if args.command == "generate":
-            generate_command(args)
-        elif args.command in ("invert", "edit"):
-            flowopt_command(args)
-        elif args.command == "compare":
-            args.handler(args)
-        return 0
-    except (CliError, ValueError, TypeError, NotImplementedError, FileNotFoundError, PermissionError) as error:
-        print(f"steerkit: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("steerkit: interrupted", file=sys.stderr)
-        return 130
+    """The command line's one error boundary: whatever fails, one line on stderr and a non-zero status."""
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    # Known before parsing, so that a failure of the parser itself can be debugged too.
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+    with _one_line_warnings():
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            args.argv = argv
+            if args.command is None:
+                parser.print_help()
+                return 2
+            if args.command == "generate":
+                generate_command(args)
+            elif args.command in ("invert", "edit"):
+                flowopt_command(args)
+            elif args.command == "compare":
+                args.handler(args)
+            return 0
+        except KeyboardInterrupt:
+            print("steerkit: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if debug:
+                traceback.print_exc()
+            message, status = describe_error(error)
+            print(f"steerkit: error: {message}", file=sys.stderr)
+            return status
+
+
+def one_line(text: Any, limit: int = 600) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def describe_error(error: BaseException) -> tuple[str, int]:
+    """``(one-line message, exit status)`` for an exception that reached :func:`main`.
+
+    Status 2 for everything a user can cause and fix (arguments, files, devices, weights, disk,
+    memory, diverged runs); 1 for what is steerkit's own fault (the message then says so).
+    """
+    if isinstance(error, USER_ERRORS):
+        return one_line(error), 2
+    if _out_of_memory(error):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"out of memory ({one_line(first, 200)}); lower --particles, --num-images or --max-batch, or pass "
+                "--items-per-call to make smaller calls"), 2
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return (f"no space left on the device{where}: free some space or choose another --out (steerkit "
+                    "generate then resumes what was done)"), 2
+        return f"{error.strerror or one_line(error) or type(error).__name__}{where}", 2
+    return (f"{type(error).__name__}: {one_line(error)} (an internal error; rerun with --debug for the traceback "
+            "and please report it)"), 1
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Show each warning as one ``steerkit: warning: ...`` line on stderr while the command runs."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        label = "" if category is UserWarning else f"{category.__name__}: "
+        print(f"steerkit: warning: {label}{one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 # --- generate ---------------------------------------------------------------------------------
 
 
+def read_lines_file(path: Path, flag: str, comments: bool = False) -> list[tuple[int, str]]:
+    """The non-blank lines of ``path`` as ``(line number, text)`` (``#`` comments dropped if asked).
+
+    A file with none is an error: an empty list must never fall back to a default.
+    """
+    if not path.is_file():
+        raise CliError(f"{flag} {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CliError(f"{flag} {str(path)!r} is not UTF-8 text: {error.reason} at byte {error.start}") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = (line.split("#", 1)[0] if comments else line).strip()
+        if line:
+            lines.append((number, line))
+    if not lines:
+        raise CliError(f"{flag} {str(path)!r} is empty: it holds no {'entries' if comments else 'prompts'}")
+    return lines
+
+
 def _read_items(args) -> list[str]:
     items = list(args.items)
     if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise CliError(f"--prompts-file {str(args.prompts_file)!r} does not exist")
-        items += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        items += [line for _, line in read_lines_file(args.prompts_file, "--prompts-file")]
     return items
 
 
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit] or "image"
+
+
+def quiet_loading() -> None:
+    """No progress bars while diffusers and transformers load components (sampling keeps its bar)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+
+
+class _NoErrorRecords:
+    """A logging filter that drops ERROR records: a loader that logs one also raises, and the
+    exception becomes the command's one line."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return record.levelno < 40  # logging.ERROR
+
+
+@contextlib.contextmanager
+def loading_quietly():
+    """While components load: no progress bars, and no ERROR log lines from diffusers/transformers."""
+    import logging
+
+    quiet_loading()
+    handlers = [h for name in ("diffusers", "transformers") for h in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(_NoErrorRecords)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_NoErrorRecords)
 
 
 def _check_output_dir(out: Path, names: list[str], overwrite: bool) -> None:
@@ -309,6 +452,41 @@ def stock_cfg(pipe, scale: float):
     return scale if convert is None else convert(scale)
 
 
+def resolve_reward(spec: str, flag: str):
+    """The registry reward ``spec`` names, loaded now: an unknown name or missing weights fail
+    before any work, with the flag that asked for it."""
+    from steerkit.rewards import get_reward
+
+    try:
+        return get_reward(spec)
+    except MemoryError:
+        raise
+    except Exception as error:  # loaders raise ValueError, FileNotFoundError, RuntimeError, OSError, ...
+        raise CliError(f"{flag} {spec!r}: {one_line(error)}") from None
+
+
+def probe_reward(reward, flag: str, spec: str, pipe, device, prompts: list[Any]) -> None:
+    """Score one blank image per prompt (the first 64 distinct ones) on ``device``, before the run:
+    a reward that cannot score these prompts (a classifier asked about a text prompt) fails now."""
+    import torch
+
+    if getattr(reward, "input_space", "pixels") != "pixels":
+        return
+    distinct = list(dict.fromkeys(prompts))[:64]
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    channels = 3 if getattr(pipe, "vae", None) is not None else int(getattr(model.config, "in_channels", 3))
+    size = getattr(model.config, "sample_size", 32) if getattr(pipe, "vae", None) is None else 224
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    blank = torch.full((len(distinct), channels, size, size), 0.5, device=device)
+    try:
+        with torch.no_grad():
+            reward.score(blank, distinct)
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise CliError(f"{flag} {spec!r} cannot score this run's prompts: {one_line(error)}") from None
+
+
 def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any], str | None]:
     if args.method == "none":
         return [], None
@@ -317,8 +495,9 @@ def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any],
         raise CliError(f"--method {args.method} needs --reward for this model")
     from steerkit.smc import BestOfN, FKSteering, ShardedFKSteering
 
+    scorer = resolve_reward(reward, "--reward")
     if args.method == "fk":
-        options = dict(reward=reward, lmbda=args.lmbda, potential=args.potential, resample_at=args.resample_at,
+        options = dict(reward=scorer, lmbda=args.lmbda, potential=args.potential, resample_at=args.resample_at,
                        ess_threshold=args.ess_threshold, seed=args.seed)
         try:
             fk = (ShardedFKSteering(**options, group=group, select=args.select) if args.shard_particles
@@ -327,7 +506,7 @@ def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any],
         except ValueError as error:
             raise CliError(str(error)) from None
         return [fk], reward
-    return [BestOfN(reward=reward, select=args.select, seed=args.seed)], reward
+    return [BestOfN(reward=scorer, select=args.select, seed=args.seed)], reward
 
 
 def _feedback_guidance(args, guidance, default_scale, is_class_conditional: bool):
@@ -357,20 +536,14 @@ def _feedback_guidance(args, guidance, default_scale, is_class_conditional: bool
 
 
 def generate_command(args) -> dict[str, Any]:
-    import torch
-
-    import steerkit
+    from steerkit import environment
+    from steerkit.distributed import ParticleShards, ShardedGeneration, process_group
     from steerkit.models import load_pipeline, resolve_model_path
     from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
+    from steerkit.preflight import check_memory, resolve_device
 
     items = _read_items(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise CliError(f"--device {device!r} is not a torch device") from None
-    from steerkit.distributed import ShardedGeneration, process_group
-
+    device = resolve_device(args.device)
     group = process_group(args.device)  # one process, unless started by accelerate launch / torchrun
     if group.world_size > 1 and args.device in (None, "cuda"):
         device = str(group.device)  # each process on its own GPU
@@ -386,21 +559,40 @@ def generate_command(args) -> dict[str, Any]:
     # One file per output: per image, or with --select all per particle (then each particle is an
     # output of its own, and output o is the call's row o, so seeds are unchanged).
     outputs_per_image = particles if args.select == "all" else 1
+    _check_output_dir(args.out, [], args.overwrite)
     started = time.perf_counter()
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()  # component loading; the sampling progress bar stays
-    pipe = load_pipeline(args.model, device=device)
+    with loading_quietly():
+        pipe = load_pipeline(args.model, device=device)
     is_class_conditional = isinstance(pipe, ClassConditionalUNetPipeline)
     if is_class_conditional:
         id2label = pipe.config.get("id2label") or {}
         items = items or [id2label.get(str(i), str(i)) for i in range(pipe.num_classes)]
-        pipe.get_label_ids(items)  # unknown class names fail here, before any work
+        # Unknown class names fail here, before any work; rewards see the label names.
+        reward_prompts = [id2label.get(str(i), str(i)) for i in pipe.get_label_ids(items)]
     elif not items:
         raise CliError("give at least one prompt (positional or --prompts-file)")
+    else:
+        reward_prompts = items
+    # Everything the run needs is built and checked before it starts: nothing below fails
+    # because of an argument once run.json says "running".
+    per_call = args.items_per_call or (len(items) if args.shard_particles else -(-len(items) // group.world_size))
+    per_call = min(per_call, len(items))
+    scale = args.guidance if isinstance(args.guidance, float) else pipe_default_scale(pipe) if args.guidance is None else 1
+    check_memory(pipe, device, rows=per_call * args.num_images * local_particles, steps=args.steps,
+                 branches=(2 if scale > 1 else 1) + (args.gfcg is not None),
+                 outputs=len(items) * args.num_images * outputs_per_image, max_batch=args.max_batch,
+                 what=f"{per_call} prompt(s) × --num-images {args.num_images} × --particles {local_particles}")
     if args.shard_particles and not group.is_main:
         pipe.set_progress_bar_config(disable=True)  # every process runs the same steps; one bar is enough
     hooks, reward = _hooks_for(args, is_class_conditional, group)
+    if hooks:
+        probe_reward(hooks[0].reward, "--reward", reward, pipe, device, reward_prompts)
+    if args.evaluator and args.dynamic_cfg is None:
+        raise CliError("--evaluator only applies with --dynamic-cfg")
+    for spec in (args.evaluator or ["classifier:evaluator"]) if args.dynamic_cfg is not None else []:
+        probe_reward(resolve_reward(spec, "--evaluator"), "--evaluator", spec, pipe, device, reward_prompts)
+    if args.gfcg is not None:
+        resolve_reward(args.gfcg_classifier, "--gfcg-classifier")
     scheduler, scheduler_name = _scheduler_for(pipe, args.scheduler, args.method)
     if args.shard_particles:
         from steerkit.schedulers import keeps_solver_history
@@ -409,26 +601,8 @@ def generate_command(args) -> dict[str, Any]:
             raise CliError(f"--shard-particles needs a scheduler without solver history (ddpm, ddim, euler, "
                            f"euler-ancestral, flow-euler*); {type(scheduler).__name__} keeps per-row history")
     pipe.scheduler = scheduler
-    labels = [item for item in items for _ in range(args.num_images)]
-    names = [f"{i:03d}-{_slug(label)}.png" for i, label in enumerate(labels)]
-    if outputs_per_image > 1:
-        names = [f"{i:03d}-{_slug(label)}-p{j}.png" for i, label in enumerate(labels) for j in range(particles)]
-    config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
-              for k, v in vars(args).items() if k != "argv"}
-    # What must match for a rerun to resume the run in --out (not where it writes, nor how many processes).
-    fingerprint = {**{k: v for k, v in config.items() if k not in ("out", "overwrite")}, "resolved_items": items}
-    run = ShardedGeneration(args.out, items, names, seed=args.seed, images_per_item=args.num_images * outputs_per_image,
-                            particles=particles // outputs_per_image, items_per_call=args.items_per_call,
-                            fingerprint=fingerprint, overwrite=args.overwrite, group=group,
-                            shard="particles" if args.shard_particles else "prompts")
-    _check_output_dir(args.out, [], args.overwrite)
-    if run.clash:
-        raise CliError(run.describe_clash())
-
-    rows = len(labels) * particles
-    seeds = [args.seed + r for r in range(rows)]
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
-                                output_type="pil")
+                                output_type="np")  # NaN survives in floats; the PNGs are made below
     for size in ("height", "width"):
         if getattr(args, size) is not None:
             if is_class_conditional:
@@ -449,10 +623,21 @@ def generate_command(args) -> dict[str, Any]:
         guidance = AdaptiveGuidance(base, threshold=args.adaptive_guidance)
     if args.scheduler == "ddim-eta1":
         call["eta"] = 1.0
-    import diffusers
 
+    labels = [item for item in items for _ in range(args.num_images)]
+    names = [f"{i:03d}-{_slug(label)}.png" for i, label in enumerate(labels)]
+    if outputs_per_image > 1:
+        names = [f"{i:03d}-{_slug(label)}-p{j}.png" for i, label in enumerate(labels) for j in range(particles)]
+    config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
+              for k, v in vars(args).items() if k not in ("argv", "debug")}
+    # What must match for a rerun to resume the run in --out (not where it writes, nor how many processes).
+    fingerprint = {**{k: v for k, v in config.items() if k not in ("out", "overwrite")}, "resolved_items": items}
+    command = ["steerkit", *getattr(args, "argv", [])]
+    here = environment.describe(device)
+    processes = group.all_gather_object({key: here[key] for key in ("host", "cpu", "device", "torch_threads",
+                                                                     "interop_threads")})
     record = {
-        "command": ["steerkit", *getattr(args, "argv", [])],
+        "command": command,
         "config": config,
         "resolved": {
             "model": args.model,
@@ -466,45 +651,68 @@ def generate_command(args) -> dict[str, Any]:
             "particle_processes": group.world_size if args.shard_particles else 1,
             "reward": reward,
             "device": device,
-            "seeds": seeds,
+            "seeds": [args.seed + r for r in range(len(labels) * particles)],
         },
-        "versions": {"steerkit": steerkit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "python": platform.python_version()},
+        "versions": here.pop("versions"),
+        # What a rerun needs to reproduce these bytes (README: "Reproducibility").
+        "reproducibility": {**here, "processes": processes},
     }
-    run.begin(record)
-    nfe = 0
-    # One pipeline call per chunk of prompts; run.json's "images" lists every image with its seed.
-    for chunk in run.my_chunks():
-        for hook in hooks:  # resampling draws depend on the chunk, never on the process or earlier chunks
-            hook.seed = args.seed + chunk.rows.start
-        shards = my_rows = None
-        if args.shard_particles:  # this process's particles of every prompt, seeded by their global rows
-            from steerkit.distributed import ParticleShards
-
-            shards = ParticleShards(len(chunk.items) * args.num_images, local_particles, group)
-            my_rows = shards.global_rows()
-        output = pipe(**call, **{prompt_key: [items[i] for i in chunk.items]},
-                      generator=chunk.generators(device, my_rows), guidance=guidance, hooks=hooks,
-                      num_particles=local_particles, max_batch=args.max_batch)
-        trace = output.steering
-        nfe += trace.total_nfe
-        images = output.images
-        diagnostics = trace.to_dict()
-        if args.shard_particles:
-            diagnostics = _all_processes_nfe(diagnostics, group, particles)
-            if args.select == "all":
-                images = shards.gather_objects(images)
-        rows = trace.extras.get("selected_rows") if outputs_per_image == 1 else None
-        run.save(chunk, images, selected_rows=rows, diagnostics=diagnostics,
-                 image_fields=_image_scores(trace.extras, rows, len(images)))
-    record = run.finish({**record, "wall_time_s": time.perf_counter() - started})
+    with ShardedGeneration(args.out, items, names, seed=args.seed,
+                           images_per_item=args.num_images * outputs_per_image,
+                           particles=particles // outputs_per_image, items_per_call=args.items_per_call,
+                           fingerprint=fingerprint, overwrite=args.overwrite, group=group,
+                           shard="particles" if args.shard_particles else "prompts", command=command) as run:
+        if run.clash:
+            raise CliError(run.describe_clash())
+        run.begin(record)
+        nfe = 0
+        # One pipeline call per chunk of prompts; run.json's "images" lists every image with its seed.
+        for chunk in run.my_chunks():
+            for hook in hooks:  # resampling draws depend on the chunk, never on the process or earlier chunks
+                hook.seed = args.seed + chunk.rows.start
+            shards = my_rows = None
+            if args.shard_particles:  # this process's particles of every prompt, seeded by their global rows
+                shards = ParticleShards(len(chunk.items) * args.num_images, local_particles, group)
+                my_rows = shards.global_rows()
+            output = pipe(**call, **{prompt_key: [items[i] for i in chunk.items]},
+                          generator=chunk.generators(device, my_rows), guidance=guidance, hooks=hooks,
+                          num_particles=local_particles, max_batch=args.max_batch)
+            trace = output.steering
+            nfe += trace.total_nfe
+            images = list(output.images)
+            diagnostics = trace.to_dict()
+            if args.shard_particles:
+                diagnostics = _all_processes_nfe(diagnostics, group, particles)
+                if args.select == "all":
+                    images = shards.gather_objects(images)
+            images = finite_pngs(pipe, images, [run.file_names[o] for o in chunk.outputs])
+            rows = trace.extras.get("selected_rows") if outputs_per_image == 1 else None
+            run.save(chunk, images, selected_rows=rows, diagnostics=diagnostics,
+                     image_fields=_image_scores(trace.extras, rows, len(images)))
+        record = run.finish({"wall_time_s": time.perf_counter() - started})
     attempt = record["attempts"][-1]
     nfe = sum(group.all_gather_object(nfe))
+    group.close()
     if group.is_main:
         resumed = f" (resumed; {len(run.done)} already done)" if run.resuming else ""
         print(f"wrote {attempt['images_done']} image(s) and run.json to {args.out}{resumed} — {nfe} NFEs, "
               f"{record['wall_time_s']:.1f} s")
     return record
+
+
+def finite_pngs(pipe, images, names: list[str]) -> list[Any]:
+    """Float images ``[H, W, C]`` in [0, 1] → PIL images, exactly as the pipeline's ``output_type="pil"``
+    would make them; a non-finite value is an error naming the images (a diverged sampler)."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    bad = [name for name, image in zip(names, images) if not np.isfinite(image).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CliError(f"the sampler diverged: {bad[0]}{more} {'hold' if more else 'holds'} NaN or infinite values "
+                       "(nothing was written for them); lower --guidance or change --steps or --scheduler")
+    to_pil = getattr(getattr(pipe, "image_processor", None), "numpy_to_pil", VaeImageProcessor.numpy_to_pil)
+    return to_pil(np.stack(images)) if len(images) else []
 
 
 def _image_scores(extras: dict[str, Any], selected_rows: list[int] | None, count: int) -> list[dict[str, Any]] | None:
@@ -527,10 +735,6 @@ def _all_processes_nfe(diagnostics: dict[str, Any], group, particles: int) -> di
             "num_particles": particles, "local_particles": diagnostics["num_particles"]}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --- invert / edit ----------------------------------------------------------------------------
 
 
@@ -542,78 +746,97 @@ def _per_image(values: list[str], count: int, flag: str) -> list[str]:
     return values
 
 
-def _load_images(paths: list[Path], pipe, resize: bool):
+def _load_images(paths: list[Path], pipe, resize: bool, max_pixels: int = MAX_PIXELS):
+    """The images as ``[B, C, H, W]`` in [0, 1], in the model's channels (:mod:`steerkit.images`: every mode)."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+
+    from steerkit.images import image_to_array, open_image
 
     config = getattr(pipe, "unet", None) and pipe.unet.config
     channels = config.in_channels if config is not None else 3
     size = config.sample_size if config is not None else None
     arrays = []
     for path in paths:
-        try:
-            image = Image.open(path)
-            image.load()
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise CliError(f"cannot read image {str(path)!r}: {error}") from None
-        image = image.convert("L" if channels == 1 else "RGB")
-        if resize and size:
-            image = image.resize((size, size), Image.BICUBIC)
-        arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        image = open_image(path, max_pixels)
+        arrays.append(image_to_array(image, 1 if channels == 1 else 3, (size, size) if resize and size else None))
     if len({a.shape for a in arrays}) != 1:
         raise CliError("all images must have the same size (or pass --resize)")
-    batch = torch.from_numpy(np.stack(arrays))
-    return batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _best_iterates(result) -> list[int]:
+    """For each image, the iteration whose iterate FlowOpt returned (the lowest finite loss)."""
+    best = []
+    for problem in range(len(result.loss[0])):
+        losses = [(loss[problem], k) for k, loss in enumerate(result.loss) if math.isfinite(loss[problem])]
+        best.append(min(losses)[1] if losses else 0)
+    return best
 
 
 def flowopt_command(args) -> dict[str, Any]:
     import torch
-    from diffusers.utils import logging as diffusers_logging
 
     from steerkit.flowopt import edit, invert
     from steerkit.models import load_pipeline
     from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
+    from steerkit.preflight import check_memory, resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    diffusers_logging.disable_progress_bar()
-    pipe = load_pipeline(args.model, device=device)
-    key = "class_labels" if isinstance(pipe, ClassConditionalUNetPipeline) else "prompt"
+    device = resolve_device(args.device)
     count = len(args.images)
     names = [f"{i:03d}-{_slug(p.stem)}.png" for i, p in enumerate(args.images)]
     extra = [f"{i:03d}-{_slug(p.stem)}-regenerated.png" for i, p in enumerate(args.images)] if args.command == "edit" else []
     _check_output_dir(args.out, [*names, *extra, "run.json", "latents.safetensors"], args.overwrite)
-    images = _load_images(args.images, pipe, args.resize)
-    source = _per_image(args.source, count, "--source")
-    options = dict(num_inference_steps=args.steps, n_max=args.n_max, iterations=args.iterations,
-                   step_size=args.step_size or None, tol=args.tol, init=args.init, init_iterations=args.init_iterations,
-                   acceleration=None if args.acceleration == "none" else args.acceleration)
-    if args.command == "invert":
-        result = invert(pipe, images, **{key: source}, **options)
-        baseline = None
-    else:
-        target = _per_image(args.to, count, "--to")
-        result = edit(pipe, images, source={key: source}, target={key: target}, target_guidance=args.guidance, **options)
-        baseline = result.initial_output
-    from PIL import Image
-    from safetensors.torch import save_file
+    command = ["steerkit", *getattr(args, "argv", [])]
+    with OutputLock(args.out, command):
+        with loading_quietly():
+            pipe = load_pipeline(args.model, device=device)
+        key = "class_labels" if isinstance(pipe, ClassConditionalUNetPipeline) else "prompt"
+        images = _load_images(args.images, pipe, args.resize, args.max_pixels)
+        source = _per_image(args.source, count, "--source")
+        check_memory(pipe, device, rows=count, steps=args.steps * (args.iterations + 2), branches=2)
+        options = dict(num_inference_steps=args.steps, n_max=args.n_max, iterations=args.iterations,
+                       step_size=args.step_size, tol=args.tol, init=args.init, init_iterations=args.init_iterations,
+                       acceleration=None if args.acceleration == "none" else args.acceleration)
+        if args.command == "invert":
+            result = invert(pipe, images, **{key: source}, **options)
+            baseline = None
+        else:
+            target = _per_image(args.to, count, "--to")
+            result = edit(pipe, images, source={key: source}, target={key: target}, target_guidance=args.guidance,
+                          **options)
+            baseline = result.initial_output
+        from PIL import Image
+        from safetensors.torch import save_file
 
-    def save_images(latents, files):
-        pixels = pipe_decode(pipe, latents)
-        for name, image in zip(files, pixels):
-            array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
-            picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-            atomic_write(args.out / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+        if not bool(torch.isfinite(result.latents).all()):
+            raise CliError(f"FlowOpt diverged: the returned latents hold NaN or infinite values (step size "
+                           f"{max(result.step_size):.4g}); lower --step-size or leave it to the estimate")
+        pixel_sets = [(pipe_decode(pipe, result.output), names)]
+        if baseline is not None:
+            pixel_sets.append((pipe_decode(pipe, baseline), extra))
+        for pixels, files in pixel_sets:
+            bad = [name for name, image in zip(files, pixels) if not bool(torch.isfinite(image).all())]
+            if bad:
+                raise CliError(f"FlowOpt diverged: {bad[0]} would hold NaN or infinite values; lower --step-size "
+                               "or leave it to the estimate")
+        for pixels, files in pixel_sets:
+            for name, image in zip(files, pixels):
+                array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+                picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+                atomic_write(args.out / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+        atomic_write(args.out / "latents.safetensors",
+                     lambda tmp: save_file({"latents": result.latents.contiguous().cpu()}, tmp))
+        from steerkit import environment
 
-    save_images(result.output, names)
-    if baseline is not None:
-        save_images(baseline, extra)
-    atomic_write(args.out / "latents.safetensors",
-                  lambda tmp: save_file({"latents": result.latents.contiguous().cpu()}, tmp))
-    record = {"command": ["steerkit", *getattr(args, "argv", [])], "images": [str(p) for p in args.images],
-              "outputs": names, "regenerated": extra, "result": result.to_dict()}
-    atomic_write(args.out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
-    psnr_line = f", PSNR {sum(result.psnr[-1]) / count:.2f} dB" if result.psnr else ""
+        here = environment.describe(device)
+        record = {"command": command, "images": [str(p) for p in args.images], "outputs": names, "regenerated": extra,
+                  "result": result.to_dict(), "versions": here.pop("versions"), "reproducibility": here}
+        atomic_write(args.out / "run.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
+    best = _best_iterates(result)
+    psnr = [result.psnr[k][i] for i, k in enumerate(best)] if result.psnr else []
+    psnr_line = f", PSNR {sum(psnr) / count:.2f} dB" if psnr else ""
     print(f"{args.command}: {len(result.loss) - 1} iteration(s), {result.nfe} NFEs, stopped by {result.stopped}"
           f"{psnr_line}; wrote {args.out}")
     return record
@@ -625,3 +848,7 @@ def pipe_decode(pipe, latents):
 
     with torch.no_grad():
         return type(pipe).adapter_class(pipe).decode(latents)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,9 +45,13 @@ from steerkit.cli import (
     _positive_int,
     _scheduler_for,
     _slug,
+    loading_quietly,
+    one_line,
     pipe_default_scale,
+    read_lines_file,
+    resolve_reward,
 )
-from steerkit.io import atomic_write
+from steerkit.io import OutputLock, atomic_write
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -286,7 +289,6 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
     """
     import torch
 
-    import steerkit
     from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
     from steerkit.rewards import get_reward
     from steerkit.smc import BestOfN, FKSteering
@@ -378,6 +380,9 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
             output = pipe(**call, guidance=built, hooks=hooks, num_particles=k, max_batch=max_batch)
             seconds = time.perf_counter() - started
             images = output.images.float().clamp(0, 1).cpu()
+            if not bool(torch.isfinite(images).all()):
+                raise ValueError(f"method {method.name!r}: the sampler diverged (NaN or infinite values in its "
+                                 "images); lower its guidance or change the steps or the scheduler")
             trace = output.steering
             entry: dict[str, Any] = {
                 "name": method.name, "spec": method.spec, "guidance": trace.extras.get("guidance"),
@@ -418,8 +423,9 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
         notes.append(f"FK, best-of-N, dynamic CFG and GFCG steer with {steer_reward}{own}.")
     notes.append("wall time: sampling only (models loaded and warmed up; rewards and judge excluded), "
                  f"on {device}; NFEs: model evaluations, all branches and particles.")
-    import diffusers
+    from steerkit import environment
 
+    reproducibility = environment.describe(device)
     record = {
         "format": FORMAT,
         "command": None,
@@ -431,8 +437,8 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
         "metrics": {"reward": reward, "judge": "fashion-classifier" if judge is not None else None,
                     "frechet_reference": "Fashion-MNIST test set" if reference is not None else None, "notes": notes},
         "methods": record_methods,
-        "versions": {"steerkit": steerkit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "python": platform.python_version()},
+        "versions": reproducibility.pop("versions"),
+        "reproducibility": reproducibility,
     }
     return record, all_images
 
@@ -639,8 +645,8 @@ def _method_arg(text: str) -> MethodSpec:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_compare_parser(commands) -> None:
-    """Add ``steerkit compare`` to the CLI's sub-command parsers."""
+def add_compare_parser(commands) -> argparse.ArgumentParser:
+    """Add ``steerkit compare`` to the CLI's sub-command parsers; returns its parser."""
     from steerkit.cli import SCHEDULERS
 
     sub = commands.add_parser(
@@ -681,6 +687,7 @@ def add_compare_parser(commands) -> None:
     sub.add_argument("--out", type=Path, default=Path("steerkit-compare"), help="output directory")
     sub.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     sub.set_defaults(handler=compare_command)
+    return sub
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -695,16 +702,33 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def _read_methods(args) -> list[MethodSpec]:
     methods = list(args.methods or [])
     if args.methods_file is not None:
-        if not args.methods_file.is_file():
-            raise CliError(f"--methods-file {str(args.methods_file)!r} does not exist")
-        for number, line in enumerate(args.methods_file.read_text().splitlines(), start=1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                try:
-                    methods.append(parse_method(line))
-                except ValueError as error:
-                    raise CliError(f"{args.methods_file}:{number}: {error}") from None
+        for number, line in read_lines_file(args.methods_file, "--methods-file", comments=True):
+            try:
+                methods.append(parse_method(line))
+            except ValueError as error:
+                raise CliError(f"{args.methods_file}:{number}: {error}") from None
     return methods or [parse_method(spec) for spec in DEFAULT_METHODS]
+
+
+#: What ``--from`` needs in a record, and in each of its methods, to draw every table and plot.
+RECORD_KEYS = {"settings": dict, "metrics": dict, "columns": list, "methods": list}
+METHOD_KEYS = ("name", "spec", "particles", "steering", "scheduler", "scheduler_choice", "total_nfe", "nfe_per_image",
+               "wall_time_s", "reward", "accuracy", "frechet", "trace")
+
+
+def check_record(record: Any) -> None:
+    """Raise ``ValueError`` (saying what is missing) unless ``record`` is a whole comparison record."""
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"it is not a steerkit compare results.json (format {FORMAT!r})")
+    for key, kind in RECORD_KEYS.items():
+        if not isinstance(record.get(key), kind):
+            raise ValueError(f"its {key!r} is missing or not a {kind.__name__}")
+    if not record["methods"] or not record["columns"]:
+        raise ValueError("it holds no methods or no columns")
+    for index, method in enumerate(record["methods"]):
+        missing = [key for key in METHOD_KEYS if not isinstance(method, dict) or key not in method]
+        if missing:
+            raise ValueError(f"its method {index} lacks {', '.join(repr(k) for k in missing)}")
 
 
 def _replot(args) -> dict[str, Any]:
@@ -717,11 +741,18 @@ def _replot(args) -> dict[str, Any]:
         record = json.loads(source.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CliError(f"--from {str(source)!r} is not JSON: {error}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CliError(f"--from {str(source)!r} is not a steerkit compare results.json (format {FORMAT!r})")
+    try:
+        check_record(record)
+    except ValueError as error:
+        raise CliError(f"--from {str(source)!r}: {error}") from None
     _check_output_dir(args.out, ["grid.png", *TABLES, *PLOTS], args.overwrite)
     _require_matplotlib()
-    written = render(record, args.out, source.parent)
+    with OutputLock(args.out, ["steerkit", *getattr(args, "argv", [])]):
+        try:
+            written = render(record, args.out, source.parent)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as error:
+            detail = f"missing {error}" if isinstance(error, KeyError) else one_line(error)
+            raise CliError(f"--from {str(source)!r} is not a complete compare record ({detail})") from None
     print(f"redrew {', '.join(written)} in {args.out} from {source}")
     return record
 
@@ -738,21 +769,16 @@ def compare_command(args) -> dict[str, Any]:
     if args.from_json is not None:
         return _replot(args)
     _require_matplotlib()
-    import torch
-    from diffusers.utils import logging as diffusers_logging
 
     from steerkit.models import load_pipeline
     from steerkit.pipelines.class_conditional import ClassConditionalUNetPipeline
+    from steerkit.preflight import check_memory, resolve_device
 
     methods = _read_methods(args)
     items = list(args.items)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise CliError(f"--device {device!r} is not a torch device") from None
-    diffusers_logging.disable_progress_bar()
-    pipe = load_pipeline(args.model, device=device)
+    device = resolve_device(args.device)
+    with loading_quietly():
+        pipe = load_pipeline(args.model, device=device)
     names = [str(item) for item in items]
     if isinstance(pipe, ClassConditionalUNetPipeline):
         labels = [str(v) for v in type(pipe).adapter_class(pipe).model_labels()]
@@ -764,9 +790,14 @@ def compare_command(args) -> dict[str, Any]:
     planned = {"methods": [{"name": m.name} for m in methods],
                "columns": [{"item": names[c // args.num_images], "seed": args.seed + c} for c in range(columns)]}
     _check_output_dir(args.out, output_names(planned), args.overwrite)
+    check_memory(pipe, device, rows=columns * max(m.particles for m in methods), steps=args.steps,
+                 max_batch=args.max_batch, what=f"{columns} image(s) × {max(m.particles for m in methods)} particle(s)")
     none = {"none", ""}
     reward = None if str(args.reward).lower() in none else args.reward
     steer = None if str(args.steer_reward).lower() in none else args.steer_reward
+    for spec, flag in ((reward, "--reward"), (steer, "--steer-reward")):
+        if spec not in (None, "auto"):
+            resolve_reward(spec, flag)  # unknown names and missing weights fail before any work
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -776,12 +807,14 @@ def compare_command(args) -> dict[str, Any]:
     guidance = args.guidance
     if guidance is None and args.model in BUNDLED_PIPELINES:
         guidance = 2.0
-    record, images = run_comparison(
-        pipe, methods, items, num_images=args.num_images, seed=args.seed, steps=args.steps, guidance=guidance,
-        reward=reward, steer_reward=steer, lmbda=args.lmbda, scheduler=args.scheduler, max_batch=args.max_batch,
-        model=args.model, progress=progress)
-    record["command"] = ["steerkit", *getattr(args, "argv", [])]
-    written = write_comparison(record, images, args.out)
+    command = ["steerkit", *getattr(args, "argv", [])]
+    with OutputLock(args.out, command):
+        record, images = run_comparison(
+            pipe, methods, items, num_images=args.num_images, seed=args.seed, steps=args.steps, guidance=guidance,
+            reward=reward, steer_reward=steer, lmbda=args.lmbda, scheduler=args.scheduler, max_batch=args.max_batch,
+            model=args.model, progress=progress)
+        record["command"] = command
+        written = write_comparison(record, images, args.out)
     total = sum(m["wall_time_s"] for m in record["methods"])
     print(f"compared {len(methods)} method(s) on {columns} image(s) in {total:.1f} s; wrote {', '.join(written)} "
           f"and images/ to {args.out}")

@@ -79,6 +79,17 @@ class ProcessGroup:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Wait for every process, then tear the launched group down.
+
+        Without this a process that finishes first exits while gloo's threads in the others still
+        hold its connection, and they abort at exit ("terminate called without an active
+        exception", SIGABRT) although every file was written.
+        """
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[W, *tensor.shape]``: every process's ``tensor`` (same shape on all), by rank."""
         if self.world_size == 1:
@@ -211,12 +222,19 @@ class Chunk:
 class ShardedGeneration:
     """A resumable generation of many prompts, sharded across the processes of ``group``.
 
-    >>> run = ShardedGeneration(out, prompts, seed=0, items_per_call=4, fingerprint=config)  # doctest: +SKIP
-    >>> run.begin()                                                                          # doctest: +SKIP
-    >>> for chunk in run.my_chunks():                                                        # doctest: +SKIP
-    ...     out = pipe([prompts[i] for i in chunk.items], generator=chunk.generators(device))
-    ...     run.save(chunk, out.images, diagnostics=out.steering.to_dict())
-    >>> manifest = run.finish({"command": ...})                                              # doctest: +SKIP
+    >>> with ShardedGeneration(out, prompts, names, items_per_call=4, fingerprint=config) as run:  # doctest: +SKIP
+    ...     run.begin({"command": ...})
+    ...     for chunk in run.my_chunks():
+    ...         out = pipe([prompts[i] for i in chunk.items], generator=chunk.generators(device))
+    ...         run.save(chunk, out.images, diagnostics=out.steering.to_dict())
+    ...     manifest = run.finish()
+
+    The directory is locked (:class:`~steerkit.io.OutputLock`, held by process 0) from the
+    constructor until :meth:`finish` or :meth:`close`: a second run into it raises
+    :class:`~steerkit.io.OutputInUse` on every process. Used as a context manager, an exception
+    after :meth:`begin` is recorded in the manifest (``status: "failed"`` and ``error``), and the
+    lock is released. A later run of the same configuration resumes a failed or killed run; one of
+    another configuration replaces it when none of its images was done, and is refused otherwise.
 
     Args:
         out: output directory (created if needed).
@@ -227,19 +245,22 @@ class ShardedGeneration:
         items_per_call: prompts per pipeline call (``None``: ``⌈items / processes⌉``, one call per
             process; fix it to get the same bytes on any number of processes).
         fingerprint: whatever must match for a resume (the configuration); a directory holding an
-            unfinished run with another fingerprint is refused.
+            unfinished run with another fingerprint and some images done is refused.
         overwrite: start afresh even if ``out`` holds a run.
         group: the processes (default: :func:`process_group`).
         shard: ``"prompts"`` (default): pending chunks are dealt to the processes round-robin.
             ``"particles"``: every process takes part in every call, each with its share of every
             prompt's particles (:class:`~steerkit.smc.ShardedFKSteering`); the images are the same on
             every process, so only process 0 writes them. ``items_per_call=None`` is then one call.
+        command: the command line, named to whoever finds the directory locked (default: ``sys.argv``).
 
     Attributes:
         resuming: whether ``out`` holds an unfinished run of the same configuration.
         done: global output indices already done (skipped).
         clash: whether ``out`` holds something this run would overwrite without ``overwrite``: a
-            finished run, another configuration's unfinished run, or files of the same names.
+            finished run, another configuration's unfinished run with images done, or files of the
+            same names.
+        run_id: this attempt's id (in the manifest's ``attempts``, and in its temporaries' names).
     """
 
     manifest_name = "run.json"
@@ -247,7 +268,7 @@ class ShardedGeneration:
     def __init__(self, out: Path, items: Sequence[Any], file_names: Sequence[str], *, seed: int = 0,
                  images_per_item: int = 1, particles: int = 1, items_per_call: int | None = None,
                  fingerprint: dict[str, Any] | None = None, overwrite: bool = False,
-                 group: ProcessGroup | None = None, shard: str = "prompts"):
+                 group: ProcessGroup | None = None, shard: str = "prompts", command: Sequence[str] | None = None):
         if shard not in ("prompts", "particles"):
             raise ValueError(f"shard must be 'prompts' or 'particles', got {shard!r}")
         self.shard = shard
@@ -271,25 +292,56 @@ class ShardedGeneration:
             outputs = range(items_range.start * images_per_item, items_range.stop * images_per_item)
             rows = range(outputs.start * particles, outputs.stop * particles)
             self.chunks.append(Chunk(index, items_range, outputs, rows, [self.seed + r for r in rows]))
+        self._lock = io.OutputLock(self.out, command)
+        self._fields: dict[str, Any] = {}
+        self._began = False
+        # Process 0 holds the lock for everyone; every process fails alike if it is taken.
+        refusal = None
+        if self.group.is_main:
+            try:
+                self._lock.acquire()
+            except io.OutputInUse as error:
+                refusal = str(error)
+        refusal = self.group.broadcast_object(refusal)
+        if refusal is not None:
+            raise io.OutputInUse(refusal)
+        try:
+            self.run_id = self.group.broadcast_object(io.new_run_id())
+            self._read_previous(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_previous(self, overwrite: bool) -> None:
+        """What ``out`` holds, and so what this run resumes, replaces or refuses to touch."""
         # Read everything before any process writes (begin() starts with a barrier).
         manifest, records, self._old_chunks, last_attempt = io.read_records(self.out, self.manifest_name)
         self.attempt = last_attempt + 1
         self.previous = manifest
-        unfinished = manifest is not None and manifest.get("status") == "running"
+        # Lock held: a manifest that says "running" is a run that was killed (or interrupted).
+        unfinished = manifest is not None and manifest.get("status") in ("running", "failed")
         self.differences = sorted(
             key for key in set(self.fingerprint) | set((manifest or {}).get("fingerprint", {}))
             if self.fingerprint.get(key) != (manifest or {}).get("fingerprint", {}).get(key))
         self.resuming = bool(unfinished and not overwrite and not self.differences)
+        self._stale_run_ids = _recorded_run_ids(manifest, self._old_chunks)
+        # What the unfinished run finished, by its own file names (it may have had other ones).
+        self.previously_done = sorted(index for index, record in records.items()
+                                      if record.get("status") == "done" and isinstance(record.get("file"), str)
+                                      and (self.out / record["file"]).is_file())
         self.done = set()
         if self.resuming:
-            self.done = {index for index, record in records.items()
-                         if record.get("status") == "done" and 0 <= index < len(self.file_names)
-                         and record.get("file") == self.file_names[index] and (self.out / record["file"]).is_file()}
+            self.done = {index for index in self.previously_done
+                         if 0 <= index < len(self.file_names) and records[index]["file"] == self.file_names[index]}
             self._records = {index: records[index] for index in self.done}
         else:
             self._records = {}
             self._old_chunks = []
-        existing = [name for name in [*self.file_names, self.manifest_name] if (self.out / name).exists()]
+        # An unfinished run that finished no image holds nothing worth keeping: its manifest is replaced.
+        abandoned = unfinished and not self.previously_done
+        existing = [name for name in self.file_names if (self.out / name).exists()]
+        if (self.out / self.manifest_name).exists() and not abandoned:
+            existing.append(self.manifest_name)
         self.clash = not overwrite and not self.resuming and bool(existing)
         self.existing = existing
         self.pending = [chunk for chunk in self.chunks if not set(chunk.outputs) <= self.done]
@@ -298,25 +350,34 @@ class ShardedGeneration:
 
     def describe_clash(self) -> str:
         """Why ``out`` cannot be used as it is (for an error message)."""
-        if self.previous is not None and self.previous.get("status") == "running" and self.differences:
+        previous = self.previous or {}
+        if previous.get("status") in ("running", "failed") and self.differences:
+            done = (f"{len(self.previously_done)} of its {len(previous.get('images', [])) or '?'} images done")
+            if previous.get("status") == "failed":
+                error = " ".join(str(previous.get("error", "unknown error")).split())
+                how = f"it failed ({error}); pass --overwrite to replace it, or choose another --out"
+            else:
+                how = ("it was interrupted; rerun its command (run.json's \"command\") to resume it, or pass "
+                       "--overwrite, or choose another --out")
             return (f"{self.out} holds an unfinished run with a different configuration (differs in: "
-                    f"{', '.join(self.differences)}); rerun that command to resume it, or pass --overwrite "
-                    "or choose another --out")
+                    f"{', '.join(self.differences)}), {done}: {how}")
         return (f"{self.out / self.existing[0]} already exists ({len(self.existing)} output files would be "
                 "replaced); pass --overwrite or choose another --out")
 
     def begin(self, manifest_fields: dict[str, Any] | None = None) -> None:
         """Process 0 clears what a killed run left behind and records the run as started."""
+        self._fields = dict(manifest_fields or {})
         self.group.barrier()
         if self.group.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            io.remove_stale_temporaries(self.out, [*self.file_names, self.manifest_name])
+            io.remove_stale_temporaries(self.out, self._stale_run_ids)
             if not self.resuming:
                 io.remove_parts(self.out)
             io.atomic_write_json(self.out / self.manifest_name,
-                                 self._manifest("running", manifest_fields or {}, self._records, self._old_chunks))
+                                 self._manifest("running", self._fields, self._records, self._old_chunks), self.run_id)
             if self.resuming:  # the manifest now holds every record of earlier attempts
                 io.remove_parts(self.out, before_attempt=self.attempt)
+        self._began = True
         self.group.barrier()
 
     def my_chunks(self) -> list[Chunk]:
@@ -347,7 +408,8 @@ class ShardedGeneration:
         if self.shard == "particles" and not self.group.is_main:
             return
         for output, image in zip(chunk.outputs, images):
-            io.atomic_write(self.out / self.file_names[output], lambda tmp, image=image: image.save(tmp, format="PNG"))
+            io.atomic_write(self.out / self.file_names[output], lambda tmp, image=image: image.save(tmp, format="PNG"),
+                            self.run_id)
         self._saved += 1
         if os.environ.get(KILL_ENV) == str(self._saved):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -365,32 +427,66 @@ class ShardedGeneration:
                             "seed": self.seed + row, "particle_seeds": [self.seed + r for r in range(first, first + p)],
                             **more, "status": "done", "rank": self.group.rank, "chunk": chunk.index,
                             "attempt": self.attempt})
-        self._mine.append({"chunk": chunk.index, "attempt": self.attempt, "rank": self.group.rank,
+        self._mine.append({"chunk": chunk.index, "attempt": self.attempt, "run_id": self.run_id, "rank": self.group.rank,
                            "outputs": [chunk.outputs.start, chunk.outputs.stop], "images": records,
                            "diagnostics": diagnostics, **(extra or {})})
         part = io.part_path(self.out, self.attempt, self.group.rank)
         part.parent.mkdir(exist_ok=True)
-        io.atomic_write_json(part, {"attempt": self.attempt, "rank": self.group.rank, "chunks": self._mine})
+        io.atomic_write_json(part, {"attempt": self.attempt, "rank": self.group.rank, "chunks": self._mine}, self.run_id)
 
     def finish(self, manifest_fields: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Wait for every process; process 0 merges the parts into the manifest. Returns it (on every process)."""
+        """Wait for every process; process 0 merges the parts into the manifest and releases the lock.
+        Returns the manifest (on every process)."""
         self.group.barrier()
         manifest = None
         if self.group.is_main:
             _, records, chunks, _ = io.read_records(self.out, self.manifest_name)
             complete = all(records.get(i, {}).get("status") == "done" for i in range(len(self.file_names)))
-            manifest = self._manifest("complete" if complete else "running", manifest_fields or {}, records, chunks)
-            io.atomic_write_json(self.out / self.manifest_name, manifest)
+            fields = {**self._fields, **(manifest_fields or {})}
+            manifest = self._manifest("complete" if complete else "running", fields, records, chunks)
+            io.atomic_write_json(self.out / self.manifest_name, manifest, self.run_id)
             if complete:
                 io.remove_parts(self.out)
-        return self.group.broadcast_object(manifest)
+        manifest = self.group.broadcast_object(manifest)
+        self.close()
+        return manifest
+
+    def fail(self, error: BaseException | str) -> None:
+        """Record the run as failed, with ``error`` as the reason (process 0; no collective: the others
+        may be gone). What was done stays recorded, so rerunning the same command resumes it."""
+        if not (self.group.is_main and self._began):
+            return
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, BaseException):
+            reason = f"{type(error).__name__}: {reason}"
+        _, records, chunks, _ = io.read_records(self.out, self.manifest_name)
+        manifest = self._manifest("failed", {**self._fields, "error": reason}, records, chunks)
+        io.atomic_write_json(self.out / self.manifest_name, manifest, self.run_id)
+
+    def close(self) -> None:
+        """Release the directory's lock (idempotent; :meth:`finish` does it)."""
+        self._lock.release()
+
+    def __enter__(self) -> ShardedGeneration:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            # A kill or Ctrl-C (not an Exception) leaves "running": an interrupted run, resumable.
+            if isinstance(error, Exception):
+                try:
+                    self.fail(error)
+                except OSError:
+                    pass  # e.g. the disk is full: the manifest then keeps saying "running"
+        finally:
+            self.close()
 
     def _manifest(self, status: str, fields: dict[str, Any], records: dict[int, dict], chunks: list[dict]) -> dict:
         unique = {(c["attempt"], c["chunk"]): c for c in chunks}
         chunks = [unique[key] for key in sorted(unique)]
         attempts = list((self.previous or {}).get("attempts", [])) if self.resuming else []
         attempts = [a for a in attempts if a.get("attempt") != self.attempt]
-        attempts.append({"attempt": self.attempt, "processes": self.group.world_size,
+        attempts.append({"attempt": self.attempt, "run_id": self.run_id, "processes": self.group.world_size,
                          "wall_time_s": time.perf_counter() - self.started})
         for attempt in attempts:  # counted from the chunk records: a killed attempt never updated its entry
             done = [c for c in chunks if c["attempt"] == attempt["attempt"]]
@@ -408,6 +504,13 @@ class ShardedGeneration:
         return {**fields, "status": status, "fingerprint": self.fingerprint, "items_per_call": self.items_per_call,
                 "chunk_count": len(self.chunks), "images": images, "attempts": attempts,
                 "diagnostics": diagnostics, "chunks": chunks}
+
+
+def _recorded_run_ids(manifest: dict | None, chunks: list[dict]) -> list[str]:
+    """The run ids that ``out``'s records name: whose temporaries are provably steerkit's."""
+    ids = [attempt.get("run_id") for attempt in (manifest or {}).get("attempts", []) if isinstance(attempt, dict)]
+    ids += [chunk.get("run_id") for chunk in chunks]
+    return sorted({run_id for run_id in ids if isinstance(run_id, str)})
 
 
 def _combined_diagnostics(chunks: list[dict], total_chunks: int) -> dict[str, Any] | None:

@@ -11,7 +11,9 @@ Per step:
 4. Let each hook look at the state; a hook may return ancestors, and then latents, the guided
    prediction, conditioning rows, stored statistics and the scheduler's solver history are all
    re-indexed together (before ``scheduler.step``, so the step continues the chosen particles).
-5. ``scheduler.step``.
+5. ``scheduler.step``, then the stock ``callback_on_step_end`` (through the call's
+   :class:`~steerkit.protocols.StepSession`, which also owns ``interrupt`` and
+   ``current_timestep``, so every stock callback, property and cache sees what the stock loop shows).
 
 With one particle, constant CFG and no hooks this performs the same tensor operations, in the same
 order and batch layout, as the stock diffusers loops, so the output is bit-identical.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ import torch
 from .diagnostics import RunTrace, StepInfo
 from .guidance import Guidance, StepContext
 from .guidance.base import BranchRequest
-from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook
+from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook, StepSession
 from .schedulers import noise_level, predict_x0, reindex_scheduler_state
 from .state import ParticleState
 
@@ -44,6 +47,7 @@ def run_model(
     branches: dict[str, torch.Tensor | None],
     max_batch: int | None = None,
     extra_inputs: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_static: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Predictions of each branch for its rows; returns ``({branch: pred}, model_calls)``.
 
@@ -51,9 +55,15 @@ def run_model(
     are stacked in ``adapter.branch_order`` and sent in one call when the adapter batches branches
     (as stock SD/SDXL/SD3 do), else one call per branch (as stock Flux true-CFG does).
     Extra branches (names outside ``branch_order``) come last, with their inputs, already one row
-    per requested row, from ``extra_inputs``. ``max_batch`` caps the rows of any one call.
+    per requested row, from ``extra_inputs``, and their non-row inputs (a perturbation such as
+    SD3's ``skip_layers``) from ``extra_static``. ``max_batch`` caps the rows of any one call.
+
+    Each call runs inside ``adapter.model_context(names)`` when the adapter has one: the stock
+    loops that use diffusers' caches wrap each branch's call in ``cache_context(branch)``.
     """
     extra_inputs = extra_inputs or {}
+    extra_static = extra_static or {}
+    model_context = getattr(adapter, "model_context", None)
     order = [name for name in adapter.branch_order if name in branches]
     order += [name for name in branches if name not in adapter.branch_order]
     groups = [order] if adapter.batch_branches else [[name] for name in order]
@@ -65,20 +75,41 @@ def run_model(
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         if hasattr(scheduler, "scale_model_input"):  # flow-matching schedulers have none
             x = scheduler.scale_model_input(x, timestep)
-        inputs = _stack_inputs([
-            extra_inputs[name] if name in extra_inputs else _select_rows(conditioning.branch(name), rows, latents.shape[0])
-            for name, rows in zip(group, row_sets)
-        ])
+        inputs = _group_inputs(conditioning, group, row_sets, extra_inputs, latents.shape[0])
+        static = dict(conditioning.static)
+        for name in group:
+            static.update(extra_static.get(name, {}))
         outputs = []
-        for start, stop in _chunks(x.shape[0], max_batch):
+        chunks = list(_chunks(x.shape[0], max_batch))
+        for number, (start, stop) in enumerate(chunks):
             rows = x if (start, stop) == (0, x.shape[0]) else x[start:stop]
             chunk_inputs = inputs if rows is x else {k: v[start:stop] for k, v in inputs.items()}
-            outputs.append(adapter.forward(rows, timestep, {**chunk_inputs, **conditioning.static}))
+            # A cache keeps one context per branch (and per chunk: chunks are different rows).
+            context_name = "+".join(group) + (f":{number}" if len(chunks) > 1 else "")
+            with model_context(context_name) if model_context is not None else nullcontext():
+                outputs.append(adapter.forward(rows, timestep, {**chunk_inputs, **static}))
             calls += 1
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         for name, pred in zip(group, out.split([part.shape[0] for part in parts])):
             predictions[name] = pred
     return predictions, calls
+
+
+def _group_inputs(conditioning: Conditioning, group: list[str], row_sets: list[torch.Tensor | None],
+                  extra_inputs: dict[str, dict[str, torch.Tensor]], batch_size: int) -> dict[str, torch.Tensor]:
+    """The stacked model inputs of one call. Whole branches are stacked once per conditioning, not
+    once per step (the stock loops concatenate ``[negative; positive]`` once, before the loop);
+    resampling or a callback makes a new :class:`Conditioning`, and with it a new stack."""
+    whole = all(rows is None for rows in row_sets) and not any(name in extra_inputs for name in group)
+    if whole and len(group) > 1:
+        cache = conditioning.__dict__.setdefault("_stacked", {})
+        if tuple(group) not in cache:
+            cache[tuple(group)] = _stack_inputs([conditioning.branch(name) for name in group])
+        return cache[tuple(group)]
+    return _stack_inputs([
+        extra_inputs[name] if name in extra_inputs else _select_rows(conditioning.branch(name), rows, batch_size)
+        for name, rows in zip(group, row_sets)
+    ])
 
 
 def _select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor | None, batch_size: int) -> dict[str, torch.Tensor]:
@@ -104,8 +135,9 @@ def _rows_needing_uncond(scale: Any, rows: int) -> tuple[str, torch.Tensor | Non
 
 
 def _add_requests(requests: dict[str, BranchRequest], branches: dict[str, torch.Tensor | None],
-                  device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-    """Add a guidance's extra-branch requests to ``branches``; returns their inputs by name."""
+                  device: torch.device, static: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Add a guidance's extra-branch requests to ``branches`` (their non-row inputs to ``static``);
+    returns their inputs by name."""
     inputs: dict[str, dict[str, torch.Tensor]] = {}
     for name, request in requests.items():
         if name in ("cond", "uncond") or name in branches:
@@ -114,6 +146,8 @@ def _add_requests(requests: dict[str, BranchRequest], branches: dict[str, torch.
             continue
         branches[name] = None if request.rows is None else request.rows.to(device)
         inputs[name] = request.inputs
+        if request.static:
+            static[name] = request.static
     return inputs
 
 
@@ -144,6 +178,7 @@ def denoise(
     run: RunContext | None = None,
     callback: StepCallback | None = None,
     progress_bar: Any = None,
+    session: StepSession | None = None,
 ) -> tuple[ParticleState, RunTrace]:
     """Run the reverse process from ``state.latents`` over ``timesteps``.
 
@@ -164,6 +199,8 @@ def denoise(
             them themselves, before opening the progress bar, and pass ``None``).
         callback: ``callback(i, t, state)`` after each step; may return a replacement state.
         progress_bar: a tqdm-like object to ``update()`` once per step.
+        session: the stock pipeline's per-step duties (interrupt, current timestep, the stock
+            ``callback_on_step_end`` with its tensor inputs); steered pipelines pass one.
 
     Returns:
         The final state (``latents`` are the clean samples) and the run's :class:`RunTrace`.
@@ -178,6 +215,11 @@ def denoise(
     started = time.perf_counter()
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
+        if session is not None:
+            # As the stock loops do: an interrupted call skips its remaining steps entirely.
+            if session.interrupted():
+                continue
+            session.begin_step(i, t)
         ctx = StepContext(step=i, num_steps=num_steps, timestep=t, sigma=noise_level(scheduler, t), state=state,
                           scheduler=scheduler)
         rows = state.batch_size
@@ -187,9 +229,11 @@ def denoise(
         branches: dict[str, torch.Tensor | None] = {"cond": None}
         if mode != "none":
             branches["uncond"] = None if subset is None else subset.to(state.latents.device)
-        extra_inputs = _add_requests(guidance.extra_branches(ctx, conditioning, None), branches, state.latents.device)
+        extra_static: dict[str, dict[str, Any]] = {}
+        extra_inputs = _add_requests(guidance.extra_branches(ctx, conditioning, None), branches, state.latents.device,
+                                     extra_static)
         predictions, calls = run_model(adapter, scheduler, state.latents, t, conditioning, branches, max_batch,
-                                       extra_inputs)
+                                       extra_inputs, extra_static)
         model_output = predictions["cond"]
         if mode == "all":
             model_output = guidance.combine(model_output, predictions["uncond"], scale, ctx)
@@ -200,12 +244,14 @@ def denoise(
             model_output = model_output.index_copy(0, index, guided.to(model_output.dtype))
         # Extra branches that depend on this step's prediction run in a second call.
         late: dict[str, torch.Tensor | None] = {}
-        late_inputs = _add_requests(guidance.extra_branches(ctx, conditioning, model_output), late, state.latents.device)
+        late_static: dict[str, dict[str, Any]] = {}
+        late_inputs = _add_requests(guidance.extra_branches(ctx, conditioning, model_output), late, state.latents.device,
+                                    late_static)
         if set(late) & set(branches):
             raise ValueError(f"guidance requested branches {sorted(set(late) & set(branches))} twice in one step")
         if late:
             late_predictions, late_calls = run_model(adapter, scheduler, state.latents, t, conditioning, late,
-                                                     max_batch, late_inputs)
+                                                     max_batch, late_inputs, late_static)
             predictions.update(late_predictions)
             branches.update(late)
             calls += late_calls
@@ -238,6 +284,8 @@ def denoise(
         info.decoded_rows, info.reused_decoded_rows = ctx.decoder.decoded_rows, ctx.decoder.reused_rows
         state.latents = scheduler.step(model_output, t, state.latents, **step_kwargs, return_dict=False)[0]
         trace.steps.append(info)
+        if session is not None:
+            state, conditioning = session.end_step(i, t, state, conditioning)
         if callback is not None:
             replaced = callback(i, t, state)
             if replaced is not None:

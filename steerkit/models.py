@@ -40,13 +40,25 @@ def load_pipeline(spec: str = "fashion-flow", device: str | torch.device = "cpu"
         index = local / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{spec!r} is a path but holds no model_index.json (not a diffusers pipeline directory)")
-        class_name = json.loads(index.read_text()).get("_class_name")
-        if class_name == "ClassConditionalUNetPipeline":
-            pipe = SteeredClassConditionalUNetPipeline.from_pretrained(path, local_files_only=True, **kwargs)
-        else:
-            from diffusers import DiffusionPipeline
+        try:
+            config = json.loads(index.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{str(index)!r} is not JSON: {error}") from None
+        if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+            raise ValueError(f"{str(index)!r} does not describe a pipeline: expected a JSON object with a "
+                             f"\"_class_name\", got {type(config).__name__}")
+        class_name = config["_class_name"]
+        try:
+            if class_name == "ClassConditionalUNetPipeline":
+                pipe = SteeredClassConditionalUNetPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+            else:
+                from diffusers import DiffusionPipeline
 
-            pipe = steerkit.steer(DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs))
+                pipe = steerkit.steer(DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs))
+        except MemoryError:
+            raise
+        except Exception as error:  # a broken directory fails in many ways, deep inside diffusers/safetensors/torch
+            raise ValueError(f"cannot load the {class_name} in {spec!r}: {_first_line(error)}") from None
     else:
         if "/" not in spec:
             raise ValueError(
@@ -60,5 +72,10 @@ def load_pipeline(spec: str = "fashion-flow", device: str | torch.device = "cpu"
         except OSError as error:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             hint = " (HF_HUB_OFFLINE=1 is set: only cached models load)" if offline else ""
-            raise ValueError(f"cannot load model {spec!r}{hint}: {str(error).splitlines()[0]}") from None
+            raise ValueError(f"cannot load model {spec!r}{hint}: {_first_line(error)}") from None
     return pipe.to(device)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"

@@ -8,6 +8,8 @@ Read this file, then ``loop.py``, then any method: the loop knows only these int
 - :class:`DenoiserAdapter`: a model family's forward call and its stock branch layout.
 - :class:`SteeringHook`: a method that looks at every step (x̂0, weights) and may re-index
   particles; FK steering and best-of-N are hooks.
+- :class:`StepSession`: what the stock pipeline does around each step besides denoising
+  (``interrupt``, ``current_timestep``, ``callback_on_step_end``); steered pipelines provide it.
 - :class:`~steerkit.guidance.Guidance` (in ``guidance.py``): the per-step scale and combination.
 """
 
@@ -74,6 +76,26 @@ class DenoiserAdapter(Protocol):
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], ``[B, C, H, W]``, from x̂0 latents (for rewards)."""
+        ...
+
+
+class StepSession(Protocol):
+    """The stock pipeline's duties around each step, kept by the caller of the loop.
+
+    The loop asks :meth:`interrupted` before each step (a true answer skips the step, as the
+    stock ``if self.interrupt: continue`` does), calls :meth:`begin_step` before the model runs
+    and :meth:`end_step` after ``scheduler.step``; ``end_step`` may replace the latents and the
+    conditioning (a stock callback that cuts the unconditional rows turns CFG off).
+    """
+
+    def interrupted(self) -> bool:
+        ...
+
+    def begin_step(self, step: int, timestep: torch.Tensor) -> None:
+        ...
+
+    def end_step(self, step: int, timestep: torch.Tensor, state: ParticleState,
+                 conditioning: Conditioning) -> tuple[ParticleState, Conditioning]:
         ...
 
 

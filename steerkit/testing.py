@@ -343,3 +343,35 @@ def tiny_pixart_sigma(scheduler=None):
     )
     return PixArtSigmaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=_t5_encoder(), vae=vae.eval(),
                                transformer=transformer.eval(), scheduler=scheduler or DPMSolverMultistepScheduler())
+
+
+def load_random_ip_adapter(pipe, image_embed_dim: int = 32, seed: int = 0):
+    """Load a randomly initialised IP-Adapter (an ``ImageProjection`` of 4 image tokens plus the
+    key/value projections of every cross-attention) into ``pipe.unet``, in the state-dict layout of
+    the published IP-Adapter checkpoints, through diffusers' own loader. Call with
+    ``ip_adapter_image_embeds=[tensor of shape (2, 1, image_embed_dim)]`` (negative, positive)."""
+    unet = pipe.unet
+    config = unet.config
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    def hidden_size(name: str) -> int:
+        if name.startswith("mid_block"):
+            return config.block_out_channels[-1]
+        block = int(name.split(".")[1])
+        channels = list(config.block_out_channels)
+        return (channels[::-1] if name.startswith("up_blocks") else channels)[block]
+
+    cross = config.cross_attention_dim
+    attention, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):  # checkpoints number cross-attentions 1, 3, 5, ...
+            attention[f"{key}.to_k_ip.weight"] = random(hidden_size(name), cross)
+            attention[f"{key}.to_v_ip.weight"] = random(hidden_size(name), cross)
+            key += 2
+    projection = {"proj.weight": random(4 * cross, image_embed_dim), "proj.bias": random(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    unet._load_ip_adapter_weights([{"image_proj": projection, "ip_adapter": attention}])
+    return pipe

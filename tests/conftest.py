@@ -3,11 +3,33 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The suite honours OMP_NUM_THREADS. Unset, it runs with at most 2 threads and exports that, so the
+# processes a test starts inherit this process's thread count unless the test sets one: on some
+# CPUs 1 and 2 threads round differently, so runs compared for bytes must share it.
+_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+if not os.environ.get("OMP_NUM_THREADS", "").isdigit() or int(os.environ["OMP_NUM_THREADS"]) < 1:
+    os.environ["OMP_NUM_THREADS"] = str(min(2, _cores))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests in reverse order (to expose order-dependence)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
+
+
+def pytest_report_header(config):
+    return (f"steerkit: torch {torch.__version__}, {torch.get_num_threads()} intra-op / "
+            f"{torch.get_num_interop_threads()} inter-op threads (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+            + (", reversed order" if config.getoption("--reverse-order") else ""))
 
 
 @pytest.fixture(autouse=True)

@@ -131,9 +131,11 @@ def test_bad_input_gives_clear_errors(pipe, kwargs, error, match):
 
 
 def test_unsupported_stock_arguments_are_refused_not_ignored():
-    sd = steerkit.steer(testing.tiny_stable_diffusion())
+    # IP-Adapter inputs work on SD and SDXL (tests/test_conformance.py); SD3 and FLUX refuse them.
+    sd3 = steerkit.steer(testing.tiny_stable_diffusion_3())
     with pytest.raises(NotImplementedError, match="ip_adapter_image"):
-        sd("a cat", num_inference_steps=2, height=32, width=32, ip_adapter_image=torch.zeros(1, 3, 32, 32))
+        sd3("a cat", num_inference_steps=2, height=16, width=16, max_sequence_length=16,
+            ip_adapter_image=torch.zeros(1, 3, 32, 32))
 
 
 def test_steer_rejects_unknown_pipelines():

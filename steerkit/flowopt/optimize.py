@@ -140,6 +140,8 @@ class AndersonMixer:
 
 
 ACCELERATIONS = (None, "anderson")
+#: A step shorter than this fraction of the iterate's norm is too short to measure the bound with.
+INFORMATIVE_STEP = 1e-4
 
 
 def flowopt(
@@ -208,7 +210,12 @@ def flowopt(
     for k in bar:
         if k > 0:
             f_z = f(z).float()
-            observed = torch.minimum(observed, pair_ratio(z, previous[0], f_z, previous[1]).cpu())
+            # Only pairs that moved measurably say anything: at convergence (or in float32
+            # rounding) the ratio is noise. fmin: a NaN ratio (a diverged problem) is skipped.
+            ratio = pair_ratio(z, previous[0], f_z, previous[1]).cpu()
+            moved = ((z - previous[0]).flatten(1).double().norm(dim=1)
+                     > INFORMATIVE_STEP * z.flatten(1).double().norm(dim=1)).cpu()
+            observed = torch.fmin(observed, torch.where(moved, ratio, torch.full_like(ratio, math.nan)))
         residual = f_z - target
         loss = residual.flatten(1).double().pow(2).mean(1).cpu()
         result.loss.append(loss.tolist())
@@ -244,13 +251,21 @@ def flowopt(
                 mixer.restart(diverging)
             z = mixer.step(z, step)
     bar.close()
+    source = "given" if step_size is not None else f"{safety:g} × the bound estimated at the start"
     if torch.isfinite(observed).any():
         result.observed_bound = observed.tolist()
-        if step_size is not None and mixer is None and bool((eta.cpu() > observed).any()):
+        # Whatever chose η (the caller, or the estimate at the start), and whatever steps with it.
+        if bool((eta.cpu() > observed).any()):
             warnings.warn(
-                f"step_size {eta.max().item():.4g} exceeds the bound observed along the iterates "
-                f"({observed.min().item():.4g}): the iteration may diverge; try a smaller step_size "
-                "or step_size=None to estimate one", stacklevel=2)
+                f"step_size {eta.max().item():.4g} ({source}) exceeds the bound observed along the iterates "
+                f"({observed.min().item():.4g}): the iteration may diverge; try a smaller step_size"
+                f"{' or step_size=None to estimate one' if step_size is not None else ''}", stacklevel=2)
+    diverged = [p for p in range(rows) if not all(math.isfinite(loss[p]) for loss in result.loss)]
+    if diverged:
+        warnings.warn(
+            f"FlowOpt diverged: the iterates of problem(s) {diverged} became non-finite with step_size "
+            f"{eta.max().item():.4g} ({source}); the best finite iterate is returned; use a smaller step_size",
+            stacklevel=2)
     result.nfe = getattr(f, "nfe", 0) - nfe_before
     if decode is not None:
         result.images = decode(result.output)
@@ -262,7 +277,9 @@ def _as_image_batch(images: Any, device: torch.device) -> torch.Tensor:
     from pathlib import Path
 
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from steerkit.images import image_to_array, open_image
 
     if isinstance(images, torch.Tensor):
         batch = images[None] if images.ndim == 3 else images
@@ -275,20 +292,14 @@ def _as_image_batch(images: Any, device: torch.device) -> torch.Tensor:
     arrays = []
     for item in items:
         if isinstance(item, (str, Path)):
-            try:
-                item = Image.open(item)
-                item.load()
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"cannot read image {str(item)!r}: {error}") from None
+            item = open_image(item)  # EXIF orientation applied, oversized files refused
         if not isinstance(item, Image.Image):
             raise TypeError(f"images must be paths, PIL images or tensors, got {type(item).__name__}")
-        arrays.append(np.asarray(item, dtype=np.float32) / 255.0)
+        arrays.append(image_to_array(item))  # every mode by its own range (16-bit, palette, alpha on black)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"all images must have the same size, got {sorted(shapes)}")
-    batch = torch.from_numpy(np.stack(arrays))
-    batch = batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
-    return batch.to(device)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def _fit_channels(images: torch.Tensor, channels: int) -> torch.Tensor:

@@ -7,6 +7,7 @@
 - :mod:`.linear_ag`: LinearAG, the unconditional prediction estimated from past ones with fitted coefficients.
 - :mod:`.gfcg`: gradient-free classifier guidance (push away from a classifier-chosen reference class).
 - :mod:`.guiders`: diffusers' own guiders (APG, CFG-Zero*, ...) run by the steerkit loop.
+- :mod:`.perturbed`: perturbed-model guidance (skip-layer guidance) as an extra branch.
 - :mod:`.dynamic`: dynamic CFG (per-step, per-sample scale chosen by evaluators, no extra NFEs).
 """
 
@@ -16,6 +17,7 @@ from .dynamic import DynamicGuidance
 from .gfcg import GradientFreeClassifierGuidance
 from .guiders import DiffusersGuider
 from .linear_ag import LinearAGGuidance
+from .perturbed import SkipLayerGuidance
 from .schedules import (
     ClampLinearSchedule,
     ConstantSchedule,
@@ -48,6 +50,7 @@ __all__ = [
     "PowerSchedule",
     "Scale",
     "Schedule",
+    "SkipLayerGuidance",
     "StepContext",
     "check_scale",
     "parse_schedule",

@@ -68,10 +68,13 @@ class BranchRequest:
     """An extra model evaluation: rows ``rows`` (global indices, ``None`` = all) with ``inputs``.
 
     ``inputs`` has one row per requested row, with the same keys as the conditional branch's inputs.
+    ``static`` holds inputs that are not per row and belong to this branch only: a perturbation of
+    the model such as SD3's ``skip_layers`` (see :mod:`steerkit.guidance.perturbed`).
     """
 
     rows: torch.Tensor | None
     inputs: dict[str, torch.Tensor]
+    static: dict[str, Any] = field(default_factory=dict)
 
 
 class Guidance:

@@ -112,16 +112,36 @@ class _RewardHook(SteeringHook):
         return rewards.to(torch.float64).cpu()
 
     def _selection(self, state, final_rewards: torch.Tensor, final_log_weights: torch.Tensor) -> torch.Tensor | None:
+        """The row returned for each prompt; a particle with a non-finite final reward only as a last resort.
+
+        ``"best"``: the highest *finite* final reward; a prompt with no finite reward has no best
+        particle, so that is a ``ValueError``. ``"sample"``: a draw by the final weights among the
+        particles with a finite reward (FK's weights already give the others zero weight, except in
+        a prompt that fell back to uniform weights; best-of-N draws uniformly among them); a prompt
+        with no finite reward at all draws uniformly among all (FK reports it in
+        ``all_zero_weight_prompts``).
+        """
         k = state.num_particles
         offsets = torch.arange(state.num_prompts) * k
         if self.select_mode == "all":
             return None
+        rewards = final_rewards.view(state.num_prompts, k)
+        finite = torch.isfinite(rewards)
         if self.select_mode == "best":
-            # NaN would win an argmax; a particle we could not score is never "best".
-            masked = torch.where(torch.isnan(final_rewards), torch.full_like(final_rewards, -math.inf), final_rewards)
-            local = masked.view(state.num_prompts, k).argmax(dim=1)
+            hopeless = (~finite.any(dim=1)).nonzero().flatten().tolist()
+            if hopeless:
+                raise ValueError(f"select='best': no particle of prompt(s) {hopeless} has a finite final reward "
+                                 f"(all {k} are NaN or ±inf), so none is best; select='all' returns every particle")
+            local = torch.where(finite, rewards, torch.full_like(rewards, -math.inf)).argmax(dim=1)
         else:
-            normalized, _ = normalize(final_log_weights)
+            log_weights = final_log_weights
+            if not bool(finite.all()):
+                keep = finite | ~finite.any(dim=1, keepdim=True)  # all non-finite: every particle stays
+                log_weights = torch.where(keep, log_weights, torch.full_like(log_weights, -math.inf))
+                # Kept particles whose weights are all zero: draw uniformly among them.
+                empty = torch.isneginf(log_weights).all(dim=1, keepdim=True)
+                log_weights = torch.where(empty & keep, torch.zeros_like(log_weights), log_weights)
+            normalized, _ = normalize(log_weights)
             local = torch.multinomial(normalized.exp(), 1, generator=self.generator).squeeze(1)
         return local + offsets
 
