@@ -31,7 +31,7 @@ from diffusers.pipelines.sana.pipeline_sana import (
     retrieve_timesteps,
 )
 
-from steerkit.guidance import Guidance
+from steerkit.guidance import ClassifierFreeGuidance, Guidance
 
 from .base import Conditioning, Prepared, SteeredMixin
 from .pixart import PixArtSigmaAdapter, text_inputs
@@ -46,6 +46,16 @@ class SanaAdapter(PixArtSigmaAdapter):
     pipeline_class = SanaPipeline
     output_class = SanaPipelineOutput
     bins_by_sample_size = SANA_BINS
+    callback_tensors = {"prompt_embeds": ("encoder_hidden_states", "both"),
+                        "negative_prompt_embeds": ("encoder_hidden_states", "uncond")}
+
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_attention_kwargs": call["attention_kwargs"]}
+
+    def default_guidance(self, call: dict[str, Any]) -> Guidance:
+        # The stock loop combines with the call's guidance_scale argument, not self.guidance_scale:
+        # a callback that changes pipe._guidance_scale (while it stays above 1) changes nothing.
+        return ClassifierFreeGuidance(call["guidance_scale"])
 
     def sample_size(self, call: dict[str, Any]) -> tuple[int, int]:
         return call["height"], call["width"]  # the stock defaults are fixed numbers (1024)

@@ -60,23 +60,36 @@ class ZImageClassifierFreeGuidance(Guidance):
     Args:
         guidance_scale: the stock (Z-Image) scale ``s``; CFG runs for ``s > 0``. The steerkit scale
             (diffusers' convention, what the loop and the diagnostics see) is ``1 + s``.
+        pipe: the pipeline whose ``_guidance_scale`` the stock loop reads at every step (so a
+            callback that changes it acts as under stock); ``None`` keeps ``guidance_scale``.
     """
 
-    def __init__(self, guidance_scale: float):
+    def __init__(self, guidance_scale: float, pipe: Any = None):
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.stock_scale = float(guidance_scale)
         self.guidance_scale = 1.0 + self.stock_scale
         self.needs_uncond = self.stock_scale > 0
+        self.pipe = pipe
+
+    def _current(self) -> float:
+        """The stock scale this step: the pipeline's, as the stock loop reads it, or the given one."""
+        return self.pipe._guidance_scale if self.pipe is not None else self.stock_scale
 
     def scale(self, ctx: StepContext) -> Scale:
-        return self.guidance_scale if self.needs_uncond else None
+        current = self._current()
+        if not self.needs_uncond and current > 0:  # the stock loop fails here with a bare AssertionError
+            raise ValueError(f"pipe._guidance_scale was set to {current} during a call that started with "
+                             f"guidance_scale={self.stock_scale}: the call has no negative embeddings to run CFG with; "
+                             "pass guidance_scale > 0 to the call instead")
+        return 1.0 + current if self.needs_uncond and current > 0 else None
 
     def combine(self, cond, uncond, scale, ctx, rows=None):
-        if isinstance(scale, torch.Tensor) and not bool((scale == self.guidance_scale).all()):
+        current = self._current()
+        if isinstance(scale, torch.Tensor) and not bool((scale == 1.0 + current).all()):
             factor = (scale.to(device=cond.device, dtype=cond.dtype) - 1).reshape(-1, *([1] * (cond.ndim - 1)))
-        elif isinstance(scale, torch.Tensor) or scale == self.guidance_scale:
-            factor = self.stock_scale  # the stock Python float: same bits as the stock loop
+        elif isinstance(scale, torch.Tensor) or scale == 1.0 + current:
+            factor = current  # the stock Python number: same bits as the stock loop
         else:
             factor = scale - 1.0
         return cond + factor * (cond - uncond)
@@ -95,17 +108,27 @@ class ZImageGuidance(Guidance):
         if not isinstance(inner, Guidance):
             raise TypeError(f"guidance must be a steerkit Guidance, got {type(inner).__name__}")
         self.inner = inner
-        self.truncation: float | None = None
-        self.normalization = 0.0
+        self.pipe: Any = None
+        self.truncates = False
         self._truncated_step = False
         self._guided_rows: torch.Tensor | None = None
 
-    def configure(self, call: dict[str, Any]) -> None:
-        """Take ``cfg_truncation``/``cfg_normalization`` from the stock call, with the stock tests."""
-        truncation, normalization = call["cfg_truncation"], call["cfg_normalization"]
-        # (1000 − t)/1000 never exceeds 1 (t ≥ 0), so the stock default of 1.0 never truncates: skip the test.
-        self.truncation = float(truncation) if truncation is not None and float(truncation) < 1 else None
-        self.normalization = float(normalization) if normalization and float(normalization) > 0.0 else 0.0
+    def configure(self, call: dict[str, Any], pipe: Any) -> None:
+        """Follow the call's ``cfg_truncation``/``cfg_normalization``: read from ``pipe`` at every
+        step (``_cfg_truncation``, ``_cfg_normalization``), as the stock loop reads them."""
+        self.pipe = pipe
+        truncation = call["cfg_truncation"]
+        # The stock loop tests truncation only when it was a number ≤ 1 at the start of the call.
+        self.truncates = truncation is not None and float(truncation) <= 1
+
+    @property
+    def truncation(self) -> float | None:
+        return float(self.pipe._cfg_truncation) if self.truncates else None
+
+    @property
+    def normalization(self) -> float:
+        value = getattr(self.pipe, "_cfg_normalization", None)
+        return float(value) if value and float(value) > 0.0 else 0.0
 
     @property
     def needs_uncond(self) -> bool:  # type: ignore[override]
@@ -116,7 +139,7 @@ class ZImageGuidance(Guidance):
 
     def _truncated(self, ctx: StepContext) -> bool:
         # The stock loop compares (1000 − t)/1000, computed in float32 from the timestep, with the threshold.
-        return self.truncation is not None and ((1000 - ctx.timestep.float()) / 1000).item() > self.truncation
+        return self.truncates and ((1000 - ctx.timestep.float()) / 1000).item() > self.truncation
 
     def scale(self, ctx: StepContext) -> Scale:
         scale = self.inner.scale(ctx)  # asked every step: schedules and guiders keep their own clocks
@@ -139,9 +162,10 @@ class ZImageGuidance(Guidance):
         if self._truncated_step:
             return guided
         guided = self.inner.combine_extra(guided, predictions, rows, ctx)
-        return self._normalized(guided, predictions["cond"]) if self.normalization else guided
+        normalization = self.normalization
+        return self._normalized(guided, predictions["cond"], normalization) if normalization else guided
 
-    def _normalized(self, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _normalized(self, guided: torch.Tensor, cond: torch.Tensor, normalization: float) -> torch.Tensor:
         """Rows that received a guidance term, rescaled to at most ``normalization × ‖cond‖``, one
         row at a time as the stock loop does (a batched norm may sum in another order)."""
         changed = (guided != cond).flatten(1).any(dim=1).cpu()
@@ -149,7 +173,7 @@ class ZImageGuidance(Guidance):
             changed[self._guided_rows] = True
         rescaled: dict[int, torch.Tensor] = {}
         for row in changed.nonzero().flatten().tolist():
-            limit = torch.linalg.vector_norm(cond[row]) * self.normalization
+            limit = torch.linalg.vector_norm(cond[row]) * normalization
             norm = torch.linalg.vector_norm(guided[row])
             if norm > limit:
                 rescaled[row] = guided[row] * (limit / norm)
@@ -170,11 +194,22 @@ class ZImageAdapter(Adapter):
 
     pipeline_class = ZImagePipeline
     branch_order = ("cond", "uncond")
+    #: The stock callback's ``prompt_embeds`` is the list of conditional captions (see :meth:`callback_value`).
+    callback_tensors = {"prompt_embeds": ("caption", "cond")}
     #: The stock ``guidance_scale`` as a steerkit guidance (the CLI builds adaptive/dynamic/GFCG bases with it).
     stock_cfg = ZImageClassifierFreeGuidance
 
+    def stock_attributes(self, call: dict[str, Any]) -> dict[str, Any]:
+        return {"_joint_attention_kwargs": call["joint_attention_kwargs"],
+                "_cfg_normalization": call["cfg_normalization"], "_cfg_truncation": call["cfg_truncation"]}
+
     def default_guidance(self, call: dict[str, Any]) -> Guidance:
-        return ZImageGuidance(ZImageClassifierFreeGuidance(call["guidance_scale"]))
+        return ZImageClassifierFreeGuidance(call["guidance_scale"], pipe=self.pipe)
+
+    def call_guidance(self, guidance: Guidance) -> Guidance:
+        """Every guidance runs under the call's ``cfg_truncation`` and ``cfg_normalization``; a
+        ``guidance=`` passed to the call is in diffusers' convention (``w = 1 + guidance_scale``)."""
+        return guidance if isinstance(guidance, ZImageGuidance) else ZImageGuidance(guidance)
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
@@ -184,8 +219,13 @@ class ZImageAdapter(Adapter):
         for name, value in (("height", height), ("width", width)):
             if value % multiple:
                 raise ValueError(f"{name} must be divisible by {multiple} (got {value})")
+        if call["callback_on_step_end"] is not None:
+            for name in call["callback_on_step_end_tensor_inputs"]:
+                if name not in pipe._callback_tensor_inputs:
+                    # The stock call does not check the names; it fails at its first callback with this error.
+                    raise KeyError(name)
         if isinstance(guidance, ZImageGuidance):
-            guidance.configure(call)
+            guidance.configure(call, pipe)
         self._check_distilled(call, guidance)
         needs_uncond = guidance.needs_uncond
         device = pipe._execution_device
@@ -269,6 +309,17 @@ class ZImageAdapter(Adapter):
         lengths = torch.tensor([len(e) for e in embeds], device=first.device)
         return {"caption": padded, "caption_length": lengths}
 
+    def callback_value(self, key: str, inputs: dict[str, Any]) -> Any:
+        """The captions as the stock callback sees them: a list of ``(L_i, D)`` tensors, one per row."""
+        return [caption[:length] for caption, length in zip(inputs["caption"], inputs["caption_length"].tolist())]
+
+    def callback_inputs(self, key: str, value: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        longest = max(len(caption) for caption in value)
+        if longest > self.padded_length:  # both branches travel at one padded length
+            raise ValueError(f"callback_on_step_end returned prompt_embeds of {longest} tokens; this call carries "
+                             f"captions of at most {self.padded_length} (raise max_sequence_length)")
+        return {**inputs, **self._padded(list(value))}
+
     def reference_inputs(self, labels: list[Any]) -> dict[str, torch.Tensor]:
         embeds, _ = self.pipe.encode_prompt(
             prompt=[str(label) for label in labels], device=self.pipe._execution_device,
@@ -313,8 +364,3 @@ class SteeredZImagePipeline(SteeredMixin, ZImagePipeline):
     """
 
     adapter_class = ZImageAdapter
-
-    def __call__(self, *args, guidance: Guidance | None = None, **kwargs):
-        if guidance is not None and not isinstance(guidance, ZImageGuidance):
-            guidance = ZImageGuidance(guidance)
-        return super().__call__(*args, guidance=guidance, **kwargs)

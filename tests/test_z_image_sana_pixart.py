@@ -309,6 +309,53 @@ def test_callback_on_step_end(pipes, family):
     assert all(torch.equal(a[2], b[2]) for a, b in zip(seen["stock"], seen["steered"]))
 
 
+def _halving_prompt_embeds(pipe, i, t, tensors):
+    """A callback that halves the text embeddings after step 0 (a list of rows on Z-Image)."""
+    if i != 0:
+        return {}
+    embeds = tensors["prompt_embeds"]
+    return {"prompt_embeds": [e * 0.5 for e in embeds] if isinstance(embeds, list) else embeds * 0.5}
+
+
+@pytest.mark.parametrize("family", ["z_image", "z_image_turbo", "sana"])
+@pytest.mark.parametrize("images_per_prompt", [1, 2])
+def test_callback_replaces_prompt_embeds_as_stock(pipes, family, images_per_prompt):
+    """Z-Image's callback sees (and may replace) the list of conditional captions, SANA's the
+    stacked ``[negative; positive]`` embeddings: the replacement acts as in the stock loop."""
+    call = dict(callback_on_step_end=_halving_prompt_embeds, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                num_images_per_prompt=images_per_prompt)
+    expected, out = stock_and_steered(pipes, family, **call)
+    plain = steered(pipes, family)(prompt=list(PROMPTS), generator=generator(), num_inference_steps=STEPS,
+                                   output_type="pt", num_images_per_prompt=images_per_prompt, **CALLS[family])
+    assert torch.equal(out.images, expected.images)
+    assert not torch.equal(out.images, plain.images)  # the replacement took effect
+
+
+def test_z_image_callback_prompt_embeds_longer_than_the_call_carries(pipes):
+    def lengthen(pipe, i, t, tensors):
+        return {"prompt_embeds": [torch.cat([e, e, e]) for e in tensors["prompt_embeds"]]}
+
+    with pytest.raises(ValueError, match="prompt_embeds of .* tokens; this call carries captions of at most"):
+        run(steered(pipes, "z_image"), "z_image", callback_on_step_end=lengthen,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"], max_sequence_length=8)
+
+
+def test_z_image_callback_that_changes_the_scale_acts_as_stock(pipes):
+    def scale_to(value):
+        def callback(pipe, i, t, tensors):
+            pipe._guidance_scale = value
+            return {}
+        return callback
+
+    for value in (0.0, 1.5):  # CFG off for the remaining steps, or another scale, as the stock loop reads it
+        expected, out = stock_and_steered(pipes, "z_image", callback_on_step_end=scale_to(value))
+        assert torch.equal(out.images, expected.images), value
+    out = run(steered(pipes, "z_image"), "z_image", callback_on_step_end=scale_to(0.0))
+    assert out.steering.nfe["uncond"] == 2  # step 0 only, for both prompts
+    with pytest.raises(ValueError, match="during a call that started with guidance_scale=0.0: the call has no negative"):
+        run(steered(pipes, "z_image_turbo"), "z_image_turbo", callback_on_step_end=scale_to(2.0))
+
+
 def test_pixart_legacy_callback_fires_as_stock(pipes):
     seen = {"stock": [], "steered": []}
     call = {**CALLS["pixart"], "num_inference_steps": 5, "output_type": "pt", "callback_steps": 2}
