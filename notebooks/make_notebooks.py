@@ -156,16 +156,16 @@ resamples them, so compute moves to the promising ones early. Both steer with `f
 (`classifier:evaluator`) and are judged by `fashion-classifier`, which neither sees.
 
 FK needs a stochastic sampler (otherwise resampled copies stay identical), so every run here uses
-FlowMatchEuler with `stochastic_sampling=True`, plain sampling included (`K = 1`)."""),
+steerkit's `FlowMatchSDEScheduler`, plain sampling included (`K = 1`). Its steps inject noise but
+keep the flow model's marginals; FlowMatchEuler's `stochastic_sampling=True` would not."""),
     new_code_cell(SETUP),
     new_code_cell('''\
-from diffusers import FlowMatchEulerDiscreteScheduler
-
+from steerkit import FlowMatchSDEScheduler
 from steerkit.rewards import get_reward
 from steerkit.smc import BestOfN, FKSteering
 from steerkit.zoo.metrics import judge_samples
 
-pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config)
 STEPS = 6 if SMALL else 20
 CLASSES = ["Shirt", "Coat"] if SMALL else ["Shirt", "Pullover", "Coat", "T-shirt/top"]
 PER_CLASS = 1 if SMALL else 2

@@ -564,6 +564,12 @@ def steer(pipe: Any) -> Any:
     """
     if isinstance(pipe, SteeredMixin):
         return pipe
+    _load_adapters()
+    if not any(cls in _STEERED_CLASSES for cls in type(pipe).__mro__):
+        # No adapter: steer the stock loop from outside (it raises, naming what is missing, where it cannot).
+        from .generic import steer_generic
+
+        return steer_generic(pipe, adapters=sorted(c.__name__ for c in _STEERED_CLASSES))
     steered_type = steered_class_for(type(pipe))
     steered = steered_type.__new__(steered_type)
     steered.__dict__.update(pipe.__dict__)

@@ -7,10 +7,15 @@ name or id for class-conditional models. Higher is better.
 A reward subclass implements :meth:`Reward.__call__` on one chunk and declares:
 
 - ``input_space``: what it reads: ``"pixels"`` (decoded images in [0, 1]; every built-in reward),
-  or ``"latents"`` (the model's x̂0 latents, as the model samples them: nothing is decoded for it;
-  ``resolution`` must then be ``None``);
+  ``"latents"`` (the model's x̂0 latents, as the model samples them: nothing is decoded for it;
+  ``resolution`` must then be ``None``), or ``"noisy_latents"`` (the step's noisy latents x_t
+  with their ``timestep`` and ``sigma`` as keywords; see :class:`LatentReward`);
 - ``resolution``: the square size it wants (images are resized, antialiased, before the call), or
-  ``None`` for any size;
+  ``None`` for any size. A :class:`ModelReward` with a ``preprocess`` does its own (its reference
+  pipeline's) resizing instead, so :meth:`Reward.score` passes it images at their own size;
+- ``differentiable``: whether gradients flow from the score to the input when the caller enables
+  them (``torch.enable_grad()``); the registry declares the same flag per name
+  (:func:`~steerkit.rewards.is_differentiable`);
 - ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches;
 - ``dtype``: the floating dtype its ``__call__`` receives (default float32: x̂0 of a half-precision
   pipeline is cast once here, not inside every reward); ``None`` passes inputs through as they are.
@@ -28,9 +33,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["INPUT_SPACES", "CallableReward", "ModelReward", "Reward", "WeightedSum"]
+from steerkit.diagnostics import timed_reward
 
-INPUT_SPACES = ("pixels", "latents")
+__all__ = ["FLOAT_DTYPES", "INPUT_SPACES", "CallableReward", "LatentReward", "ModelReward", "Reward", "WeightedSum",
+           "check_model_dtype"]
+
+INPUT_SPACES = ("pixels", "latents", "noisy_latents")
 
 
 class Reward:
@@ -41,13 +49,18 @@ class Reward:
     resolution: int | None = None
     batch_size: int = 64
     dtype: torch.dtype | None = torch.float32
+    differentiable: bool = False
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
         """Rewards ``[b]`` of one chunk of at most :attr:`batch_size` images."""
         raise NotImplementedError
 
-    def score(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: Sequence[Any], **conditions: Any) -> torch.Tensor:
         """Rewards ``[B]`` (float32, on the device the reward returns them), in chunks of :attr:`batch_size`.
+
+        ``conditions`` (``timestep=``, ``sigma=`` for rewards of noisy latents) are passed to every
+        chunk's call. Inside a metered run the call's wall time is counted as verifier cost
+        (:mod:`steerkit.diagnostics`).
 
         Raises:
             ValueError: if ``images`` is not ``[B, C, H, W]``, the number of prompts is not ``B``,
@@ -67,18 +80,22 @@ class Reward:
                              f"(got {self.resolution}); set resolution = None")
         if images.shape[0] == 0:
             return torch.zeros(0)
+        return timed_reward(lambda: self._score(images, prompts, batch_size, conditions), images.shape[0])
+
+    def _score(self, images: torch.Tensor, prompts: list, batch_size: int, conditions: dict) -> torch.Tensor:
         if self.dtype is not None and images.dtype != self.dtype:
             images = images.to(self.dtype)
-        if self.resolution is not None and images.ndim != 4:
+        resize = self.resolution is not None and getattr(self, "preprocess", None) is None
+        if resize and images.ndim != 4:
             raise ValueError(f"reward {self.name!r} resizes to {self.resolution}×{self.resolution}: images must be "
                              f"[B, C, H, W], got {tuple(images.shape)}")
-        if self.resolution is not None and tuple(images.shape[-2:]) != (self.resolution, self.resolution):
+        if resize and tuple(images.shape[-2:]) != (self.resolution, self.resolution):
             images = torch.nn.functional.interpolate(images.float(), size=(self.resolution,) * 2, mode="bilinear",
                                                      align_corners=False, antialias=True)
         outputs = []
         for start in range(0, images.shape[0], batch_size):
             chunk = images[start:start + batch_size]
-            out = torch.as_tensor(self(chunk, prompts[start:start + batch_size]))
+            out = torch.as_tensor(self(chunk, prompts[start:start + batch_size], **conditions))
             if tuple(out.shape) != (chunk.shape[0],):
                 raise ValueError(f"reward {self.name!r} returned shape {tuple(out.shape)} for {chunk.shape[0]} "
                                  f"images; expected ({chunk.shape[0]},)")
@@ -90,48 +107,117 @@ class Reward:
 
 
 class ModelReward(Reward):
-    """A reward computed by a torch module (``self.model``) on RGB pixels normalised per channel.
+    """A reward computed by torch modules on images preprocessed as its reference pipeline does.
 
-    ``follow_device``: a model the registry loaded itself moves to the images' device on first use
-    (a model the user built stays where the user put it). ``mean``/``std`` normalise the pixels.
+    ``preprocess`` (an :class:`~steerkit.rewards.preprocess.ImagePreprocess`) turns images in
+    [0, 1] of any size into the model's normalised input; :meth:`Reward.score` then passes images
+    through at their own size. ``follow_device``: a model the registry loaded itself moves to the
+    images' device on first use (a model the user built, or one loaded with ``device=``, stays where
+    it is and the images move to it). :meth:`to` moves and casts every module of the reward.
+    Parameters never require gradients; gradients flow to the images when the caller enables them
+    (see ``differentiable``).
     """
 
     model: torch.nn.Module
     follow_device: bool = False
+    preprocess: Any = None
 
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules that make up the reward (moved and cast together by :meth:`to`)."""
+        return [self.model]
+
+    def float32_modules(self) -> list[torch.nn.Module]:
+        """Modules that stay float32 whatever ``dtype`` (small heads the references run in float32)."""
+        return []
+
+    def _freeze(self) -> None:
+        for module in self.modules():
+            module.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its first floating parameter's)."""
+        for parameter in self.model.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.float32
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> ModelReward:
+        """Move (``device``) and cast (``dtype``) every module; returns ``self``. A device pins the model there."""
+        if dtype is not None:
+            check_model_dtype(dtype, self.name)
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        for module in self.float32_modules():
+            module.float()
+        if device is not None:
+            self.follow_device = False
+        return self
 
     def _device(self, images: torch.Tensor) -> torch.device:
-        parameter = next(self.model.parameters(), None)
-        device = parameter.device if parameter is not None else images.device
+        device = self.device if next(self.model.parameters(), None) is not None else images.device
         if self.follow_device and device != images.device:
-            self.model.to(images.device)
+            for module in self.modules():
+                module.to(images.device)
             device = images.device
         return device
 
-    def normalized_rgb(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] → normalised float32 RGB on the model's device (grey images repeated)."""
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] → the model's input: preprocessed, on the model's device, in its dtype."""
         device = self._device(images)
-        x = images.to(device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean.to(device)) / self.std.to(device)
+        return self.preprocess(images.to(device)).to(self.model_dtype)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_model_dtype(dtype: Any, name: str) -> torch.dtype:
+    """``dtype`` if it is one a reward model can run in, else a ``ValueError`` naming the reward."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"reward {name!r}: dtype must be one of torch.float32, torch.float16, torch.bfloat16, "
+                         f"got {dtype!r}")
+    return dtype
 
 
 class CallableReward(Reward):
     """Wrap any ``f(images, prompts) -> [B]`` callable as a :class:`Reward`."""
 
     def __init__(self, function: Callable[..., torch.Tensor], name: str | None = None, batch_size: int = 64,
-                 input_space: str = "pixels"):
+                 input_space: str = "pixels", differentiable: bool = False):
         if input_space not in INPUT_SPACES:
             raise ValueError(f"input_space must be one of {INPUT_SPACES}, got {input_space!r}")
+        if not isinstance(differentiable, bool):
+            raise ValueError(f"differentiable must be True or False, got {differentiable!r}")
         self.function, self.batch_size, self.input_space = function, batch_size, input_space
+        self.differentiable = differentiable
         self.name = name or getattr(function, "__name__", type(function).__name__)
 
-    def __call__(self, images, prompts):
-        return self.function(images, prompts)
+    def __call__(self, images, prompts, **conditions):
+        return self.function(images, prompts, **conditions)
+
+
+class LatentReward(Reward):
+    """A reward of noisy latents: ``__call__(latents, prompts, *, timestep, sigma) -> [B]``, nothing decoded.
+
+    For reward models trained on noisy latents (latent reward models, noise-conditioned
+    classifiers): FK's intermediate potentials read the step's x_t and its noise level directly, so
+    neither the VAE nor x̂0 is needed for them. The final samples are scored with ``sigma=0`` and
+    ``timestep=0``. ``timestep`` is in the scheduler's units; ``sigma`` is ``None`` for schedulers
+    that do not define one. Latents arrive as the model samples them (``dtype = None``), in their
+    own layout (``[B, C, h, w]``, or FLUX's packed sequences).
+    """
+
+    input_space = "noisy_latents"
+    dtype = None
+
+    def __call__(self, latents: torch.Tensor, prompts: Sequence[Any], *, timestep: float | None = None,
+                 sigma: float | None = None) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class WeightedSum(Reward):
@@ -154,15 +240,16 @@ class WeightedSum(Reward):
             raise ValueError(f"a weighted sum cannot mix rewards that read pixels with rewards that read latents "
                              f"({', '.join(f'{r.name}: {r.input_space}' for _, r in terms)})")
         self.input_space = spaces.pop()
+        self.differentiable = all(getattr(r, "differentiable", False) for _, r in terms)
         self.terms = [(float(w), r) for w, r in terms]
         self.name = _format_sum(self.terms)
         # The terms chunk and cast themselves; the sum only has to pass each of them whole batches.
         self.batch_size, self.dtype = 1 << 30, None
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, **conditions):
         total = torch.zeros(images.shape[0], device=images.device)
         for weight, reward in self.terms:
-            total = total + weight * reward.score(images, prompts).to(images.device)
+            total = total + weight * reward.score(images, prompts, **conditions).to(images.device)
         return total
 
 

@@ -41,6 +41,7 @@ class ClassifierReward(ModelReward):
 
     name = "classifier"
     batch_size = 512
+    differentiable = True
 
     def __init__(self, model: torch.nn.Module, class_names: Sequence[str], input_range: tuple[float, float] = (-1.0, 1.0),
                  resolution: int | None = None, channels: int | None = None, follow_device: bool = False,
@@ -54,7 +55,7 @@ class ClassifierReward(ModelReward):
         low, high = (float(v) for v in input_range)
         if not high > low:
             raise ValueError(f"classifier reward: input_range must be (low, high) with high > low, got {input_range!r}")
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
         self.low, self.high = low, high
         if channels not in (None, 1, 3):
             raise ValueError(f"classifier reward: channels must be None, 1 or 3, got {channels!r}")
@@ -83,7 +84,6 @@ class ClassifierReward(ModelReward):
                 raise ValueError(f"classifier reward: {prompt!r} is not one of its classes {self.class_names}")
         return torch.tensor(ids, dtype=torch.long)
 
-    @torch.no_grad()
     def class_log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """``log p(class | image)`` for every class, ``[B, num_classes]`` in :attr:`class_names` order.
 
@@ -93,10 +93,10 @@ class ClassifierReward(ModelReward):
         if self.resolution is not None and tuple(images.shape[-2:]) != (self.resolution, self.resolution):
             images = torch.nn.functional.interpolate(images.float(), size=(self.resolution,) * 2, mode="bilinear",
                                                      align_corners=False, antialias=True)
-        device = self._device(images)
+        device, dtype = self._device(images), self.model_dtype
         outputs = []
         for start in range(0, images.shape[0], self.batch_size):
-            x = images[start:start + self.batch_size].to(device, torch.float32)
+            x = images[start:start + self.batch_size].to(device, dtype)
             if self.channels == 1 and x.shape[1] == 3:
                 x = x.mean(dim=1, keepdim=True)
             elif self.channels == 3 and x.shape[1] == 1:
@@ -108,20 +108,22 @@ class ClassifierReward(ModelReward):
             outputs.append(torch.log_softmax(logits.float(), dim=1))
         return torch.cat(outputs)
 
-    @torch.no_grad()
     def __call__(self, images, prompts):
         targets = self.class_ids(prompts)  # before the forward pass: bad prompts fail fast
         log_probs = self.class_log_probs(images)
         return log_probs.gather(1, targets.to(log_probs.device)[:, None]).squeeze(1)
 
 
-def load_classifier_reward(spec: str = "fashion", device: str | torch.device = "cpu") -> ClassifierReward:
+def load_classifier_reward(spec: str = "fashion", device: str | torch.device | None = None,
+                           dtype: torch.dtype | None = None) -> ClassifierReward:
     """A bundled classifier by name, or a saved ``FashionClassifier`` from a directory.
 
     ``"fashion"`` is the bundled Fashion-MNIST classifier (the benchmarks' judge); ``"evaluator"``
     is the smaller, independently trained one that steering methods use by default. The model
-    follows the images to their device on first use.
+    follows the images to their device on first use, unless ``device`` pins it; ``dtype`` casts it.
     """
+    pinned = device is not None
+    device = device or "cpu"
     from steerkit.zoo.classifier import FashionClassifier
 
     if spec in ("", "fashion", "fashion-classifier", "evaluator", "fashion-evaluator"):
@@ -140,5 +142,6 @@ def load_classifier_reward(spec: str = "fashion", device: str | torch.device = "
     # Trained on 32×32 Fashion-MNIST (28×28 padded) in [-1, 1]. A reward only ever runs the model
     # in inference mode, so it gets the fused, channels-last copy: same scores to ~1e-6, about
     # half the time (dynamic CFG scores every candidate scale at every step with it).
-    return ClassifierReward(model.fused_for_inference(), model.class_names, input_range=(-1.0, 1.0), resolution=32,
-                            channels=1, follow_device=True, channels_last=True)
+    reward = ClassifierReward(model.fused_for_inference(), model.class_names, input_range=(-1.0, 1.0), resolution=32,
+                              channels=1, follow_device=not pinned, channels_last=True)
+    return reward.to(dtype=dtype) if dtype is not None else reward

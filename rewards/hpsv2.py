@@ -3,6 +3,12 @@
 Score: ``100 · cos(image embedding, text embedding)``, the scale the HPSv2 benchmark reports
 (its library returns the bare cosine, ≈ 0.2–0.3; steerkit multiplies by 100 like ``clip``).
 
+Preprocessing is HPSv2's own (``ResizeMaxSize`` in its ``src/open_clip/transform.py``, after
+``ToTensor``): the long side is resized to 224 (bicubic, antialiased, on the float image, so no
+saturation) and the image zero-padded to a square, centred; then OpenAI CLIP's mean and std. The
+reference skips the pad when the long side is already 224 (and then fails on a non-square image);
+steerkit pads it.
+
 Specs: ``"hpsv2"`` (v2.1), ``"hpsv2:v2.0"``, ``"hpsv2:v2.1"`` (``HPS_v2_compressed.pt`` and
 ``HPS_v2.1_compressed.pt`` from the Hugging Face repo ``xswu/HPSv2``), or ``"hpsv2:PATH"`` for a
 local checkpoint (``.safetensors``, or a ``.pt`` read with ``torch.load(weights_only=True)``; the
@@ -15,8 +21,11 @@ are needed: the architecture is built empty and filled from it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from .clip import OPENAI_MEAN, OPENAI_STD, ClipScore
+import torch
+
+from .clip import OPENAI_MEAN, OPENAI_STD, ClipScore, clip_architecture
 from .hub import find_file, load_strict, read_state_dict
 
 __all__ = ["HPSv2Score", "load_hpsv2"]
@@ -33,10 +42,13 @@ class HPSv2Score(ClipScore):
     batch_size = 32
 
 
-def load_hpsv2(spec: str = "", device: str = "cpu", model_name: str = "ViT-H-14") -> HPSv2Score:
+def load_hpsv2(spec: str = "", device: Any = None, model_name: str = "ViT-H-14",
+               dtype: torch.dtype | None = None) -> HPSv2Score:
     """HPSv2 from a version tag (``v2.0``, ``v2.1``) or a checkpoint path; see the module doc.
 
-    ``model_name`` is the open_clip architecture the checkpoint fits (ViT-H-14 for the published ones).
+    ``model_name`` is the open_clip architecture the checkpoint fits (ViT-H-14 for the published ones);
+    ``device`` pins the model (default: it follows the images); ``dtype`` casts it (fp16 halves the
+    ≈ 3.9 GB of ViT-H-14).
     """
     import open_clip
 
@@ -51,10 +63,10 @@ def load_hpsv2(spec: str = "", device: str = "cpu", model_name: str = "ViT-H-14"
     state = read_state_dict(path, "hpsv2")
     if model_name not in open_clip.list_models():
         raise ValueError(f"reward 'hpsv2': unknown open_clip model {model_name!r}")
-    model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    model, _ = clip_architecture(model_name + "/")
     load_strict(model, state, "hpsv2", path)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    config = getattr(model.visual, "preprocess_cfg", {}) or {}
-    return HPSv2Score(model.to(device), open_clip.get_tokenizer(model_name), int(size),
-                      mean=config.get("mean", OPENAI_MEAN), std=config.get("std", OPENAI_STD), follow_device=True)
+    reward = HPSv2Score(model, open_clip.get_tokenizer(model_name), int(size), mean=OPENAI_MEAN, std=OPENAI_STD,
+                        follow_device=device is None, resize="longest", clamp=False)
+    return reward.to(device, dtype) if device is not None or dtype is not None else reward

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MissingWeightsError", "find_file", "hub_offline", "load_strict", "read_state_dict", "require_tokenizer_files"]
+__all__ = ["MissingWeightsError", "find_any", "find_file", "hub_offline", "load_strict", "read_state_dict", "require_tokenizer_files"]
 
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -61,6 +61,30 @@ def find_file(reward: str, path: str | None, env_var: str, repo_id: str, filenam
             f"reward {reward!r}: weight file {filename} from the Hugging Face repo {repo_id} is not available "
             f"({reason}). Download it (huggingface-cli download {repo_id} {filename}), then "
             f"{_how(reward, filename, env_var)}") from None
+
+
+def find_any(reward: str, repo_id: str, filenames: list[str] | tuple[str, ...], how: str = "") -> str:
+    """The local path of the first of ``filenames`` the Hugging Face repo ``repo_id`` has (cache first).
+
+    Offline (``HF_HUB_OFFLINE``) only the cache is read. The order is the preference order: put
+    ``.safetensors`` names first.
+
+    Raises:
+        MissingWeightsError: naming the repo, the files tried and ``how`` else to provide them.
+    """
+    from huggingface_hub import hf_hub_download
+
+    offline = hub_offline()
+    errors = []
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename, local_files_only=offline)
+        except Exception as error:  # not cached, not in the repo, no network: try the next name
+            errors.append(f"{filename}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    reason = "not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline else "; ".join(errors)
+    raise MissingWeightsError(
+        f"reward {reward!r}: none of {', '.join(filenames)} from the Hugging Face repo {repo_id} is available "
+        f"({reason}). Download one (huggingface-cli download {repo_id} {filenames[0]}){', ' + how if how else ''}")
 
 
 def read_state_dict(path: str | os.PathLike, reward: str) -> dict[str, torch.Tensor]:

@@ -20,6 +20,9 @@ Specs: ``"imagereward"`` (``ImageReward.pt`` from the Hugging Face repo ``THUDM/
 ``HF_HUB_OFFLINE`` is unset. The tokenizer is ``bert-base-uncased`` (from the checkpoint's directory,
 ``$STEERKIT_IMAGEREWARD_TOKENIZER``, or the Hugging Face cache) with BLIP's two added tokens
 ``[DEC]`` and ``[ENC]``; prompts are padded or truncated to 35 tokens as in ImageReward.
+
+Preprocessing is ImageReward's ``_transform(224)`` (torchvision ``Resize(224, BICUBIC)`` on the PIL
+image, ``CenterCrop(224)``, OpenAI CLIP's mean and std), done on tensors.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +46,7 @@ from .hub import (
     read_state_dict,
     require_tokenizer_files,
 )
+from .preprocess import ImagePreprocess
 
 __all__ = ["ImageReward", "ImageRewardModel", "convert_imagereward_state_dict", "load_imagereward"]
 
@@ -106,7 +111,8 @@ class ImageRewardModel(torch.nn.Module):
         image_mask = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=image_tokens.device)
         text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_tokens,
                          encoder_attention_mask=image_mask).last_hidden_state
-        return self.head(text[:, 0].float()).squeeze(-1)
+        head = self.head.layers[0].weight
+        return self.head(text[:, 0].to(head.dtype)).squeeze(-1)
 
     @classmethod
     def from_state_dict_shapes(cls, state: Mapping[str, torch.Tensor], head_dim: int = 64,
@@ -146,23 +152,27 @@ class ImageReward(ModelReward):
 
     name = "imagereward"
     batch_size = 32
+    differentiable = True
 
     def __init__(self, model: ImageRewardModel, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD,
                  max_length: int = MAX_LENGTH, follow_device: bool = False):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.resolution = int(model.vision.config.image_size)
-        self.set_normalization(mean, std)
+        self.preprocess = ImagePreprocess(self.resolution, mean, std, resize="shortest", crop="round", clamp=True)
         self.max_length = max_length
         self.follow_device = follow_device
+        self._freeze()
+
+    def float32_modules(self) -> list[torch.nn.Module]:
+        return [self.model.head]  # the reference rates the [CLS] feature in float32
 
     def tokenize(self, prompts: Sequence[object]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer([str(p) for p in prompts], padding="max_length", truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[object]) -> torch.Tensor:
-        x = self.normalized_rgb(images)
+        x = self.pixels(images)
         device = x.device
         tokens = {k: v.to(device) for k, v in self.tokenize(prompts).items()}
         raw = self.model(x, tokens["input_ids"], tokens["attention_mask"])
@@ -211,9 +221,11 @@ def _load_tokenizer(explicit: str | None, directory: Path | None):
     return tokenizer
 
 
-def load_imagereward(spec: str = "", tokenizer: str | None = None, device: str = "cpu",
-                     head_dim: int = 64) -> ImageReward:
+def load_imagereward(spec: str = "", tokenizer: str | None = None, device: Any = None, head_dim: int = 64,
+                     dtype: torch.dtype | None = None) -> ImageReward:
     """ImageReward from a checkpoint (``spec``: a file, a directory, or empty for the default); see the module doc.
+
+    ``device`` pins the model (default: it follows the images); ``dtype`` casts it.
 
     ``head_dim`` is the attention head width used to derive head counts from the checkpoint's
     sizes (64 for the published model).
@@ -231,4 +243,5 @@ def load_imagereward(spec: str = "", tokenizer: str | None = None, device: str =
     if len(words) > model.text.config.vocab_size:
         raise ValueError(f"reward 'imagereward': the tokenizer has {len(words)} tokens but the checkpoint's text "
                          f"encoder only {model.text.config.vocab_size}")
-    return ImageReward(model.to(device), words, follow_device=True)
+    reward = ImageReward(model, words, follow_device=device is None)
+    return reward.to(device, dtype) if device is not None or dtype is not None else reward

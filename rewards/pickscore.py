@@ -10,9 +10,9 @@ the model directory when it has one, else from ``$STEERKIT_PICKSCORE_PROCESSOR``
 ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the processor the model card uses). Hub repos are read
 from the Hugging Face cache only when ``HF_HUB_OFFLINE`` is set. Remote code is never run.
 
-Preprocessing works on tensors: images are resized (antialiased) to the model's size by
-:meth:`Reward.score` and normalised with the CLIP mean and std; there is no PIL round trip. The
-reference processor resizes the short side and centre-crops, which is the same for square images.
+Preprocessing is the reference processor's (transformers' ``CLIPImageProcessor`` as configured in
+``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``: short side to 224, bicubic; centre crop 224 with the
+offset ``(H − 224) // 2``; OpenAI CLIP's mean and std), done on tensors.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .base import ModelReward
 from .clip import OPENAI_MEAN, OPENAI_STD, unique_prompts
 from .hub import MissingWeightsError, hub_offline, require_tokenizer_files
+from .preprocess import ImagePreprocess
 
 __all__ = ["PickScore", "load_pickscore"]
 
@@ -41,35 +43,34 @@ class PickScore(ModelReward):
 
     name = "pickscore"
     batch_size = 32
+    differentiable = True
 
     def __init__(self, model, tokenizer, mean=OPENAI_MEAN, std=OPENAI_STD, max_length: int = 77,
                  follow_device: bool = False):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.resolution = int(model.config.vision_config.image_size)
-        self.set_normalization(mean, std)
+        self.preprocess = ImagePreprocess(self.resolution, mean, std, resize="shortest", crop="floor", clamp=True)
         self.max_length = max_length
         self.follow_device = follow_device
+        self._freeze()
 
-    @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projected image embeddings ``[B, D]`` of images in [0, 1] at :attr:`resolution`."""
-        x = self.normalized_rgb(images)
-        dtype = next(self.model.parameters()).dtype
-        pooled = self.model.vision_model(pixel_values=x.to(dtype)).pooler_output
+        """L2-normalised projected image embeddings ``[B, D]`` of images in [0, 1] of any size."""
+        pooled = self.model.vision_model(pixel_values=self.pixels(images)).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
-    @torch.no_grad()
     def text_features(self, prompts: Sequence[object]) -> torch.Tensor:
         """L2-normalised projected text embeddings ``[B, D]``, on the model's device."""
-        device = next(self.model.parameters()).device
+        device = self.device
         unique, index = unique_prompts(prompts)  # particles usually share their prompt: encode it once
         tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
-        pooled = self.model.text_model(input_ids=tokens["input_ids"],
-                                       attention_mask=tokens["attention_mask"]).pooler_output
-        return torch.nn.functional.normalize(self.model.text_projection(pooled).float(), dim=-1)[index.to(device)]
+        with torch.no_grad():
+            pooled = self.model.text_model(input_ids=tokens["input_ids"],
+                                           attention_mask=tokens["attention_mask"]).pooler_output
+            features = self.model.text_projection(pooled).float()
+        return torch.nn.functional.normalize(features, dim=-1)[index.to(device)]
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[object]) -> torch.Tensor:
         image = self.image_features(images)
         scale = self.model.logit_scale.exp().float()
@@ -84,8 +85,13 @@ def _missing(what: str, source: str, error: Exception, how: str) -> MissingWeigh
                                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. {how}")
 
 
-def load_pickscore(spec: str = "", processor: str | None = None, device: str = "cpu") -> PickScore:
-    """PickScore from a directory or repo id (``spec``) and a tokenizer source (``processor``); see the module doc."""
+def load_pickscore(spec: str = "", processor: str | None = None, device: Any = None,
+                   dtype: torch.dtype | None = None) -> PickScore:
+    """PickScore from a directory or repo id (``spec``) and a tokenizer source (``processor``); see the module doc.
+
+    ``device`` pins the model (default: it follows the images); ``dtype`` casts it (fp16 halves
+    CLIP-H's ≈ 3.9 GB).
+    """
     from transformers import CLIPModel, CLIPTokenizer
 
     source = spec or os.environ.get(MODEL_ENV) or MODEL_REPO
@@ -109,4 +115,5 @@ def load_pickscore(spec: str = "", processor: str | None = None, device: str = "
     except (OSError, ValueError) as error:
         raise _missing("CLIP tokenizer (tokenizer.json, or vocab.json and merges.txt)", tokenizer_source, error,
                        how) from None
-    return PickScore(model.to(device), tokenizer, follow_device=True)
+    reward = PickScore(model, tokenizer, follow_device=device is None)
+    return reward.to(device, dtype) if device is not None or dtype is not None else reward

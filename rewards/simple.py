@@ -38,6 +38,7 @@ class Brightness(Reward):
 
     name = "brightness"
     batch_size = 4096
+    differentiable = True
 
     def __call__(self, images, prompts):
         return images.float().flatten(1).mean(1)
@@ -48,6 +49,7 @@ class Contrast(Reward):
 
     name = "contrast"
     batch_size = 4096
+    differentiable = True
 
     def __call__(self, images, prompts):
         return images.float().flatten(1).std(1)
@@ -58,6 +60,7 @@ class Saturation(Reward):
 
     name = "saturation"
     batch_size = 4096
+    differentiable = True
 
     def __call__(self, images, prompts):
         x = images.float()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["TINY_OPEN_CLIP", "WORDS", "register_tiny_open_clip", "write_aesthetic_head", "write_clip_tokenizer", "write_hpsv2",
-           "write_imagereward", "write_pickscore"]
+__all__ = ["TINY_OPEN_CLIP", "WORDS", "register_tiny_open_clip", "tiny_reward_builders", "write_aesthetic_head",
+           "write_clip_tokenizer", "write_hpsv2", "write_hpsv3", "write_imagereward", "write_pickscore", "write_qwen2_vl"]
 
 TINY_OPEN_CLIP = "TinyCLIP768-steerkit"
 # A 768-d embedding, like ViT-L/14, so the real-size aesthetic head fits it.
@@ -147,6 +148,114 @@ def write_imagereward(directory: str | Path, seed: int = 0, width: int = 64, lay
     return directory
 
 
+_QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+_QWEN_WORDS = ["system", "user", "assistant", "You", "are", "a", "helpful", "Does", "this", "figure", "show", '"', "?",
+               "Please", "answer", "yes", "or", "no", ".", "Yes", "No", "Final", "Score", ":", "1", "2", "3", "4", "5",
+               "Text", "Caption", "[", "]", "image", "prompt", "-", *WORDS, "[UNK]"]
+# Qwen2-VL's chat template, reduced to what the rewards send: the default system turn, images and text.
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _qwen_processor(flavour: str, extra_special: tuple[str, ...] = ()):
+    """A word-level tokenizer with Qwen's special tokens, and the Qwen2-VL / Qwen2.5-VL processor around it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(_QWEN_SPECIAL + _QWEN_WORDS))}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="<|endoftext|>",
+                                        eos_token="<|im_end|>",
+                                        additional_special_tokens=[*_QWEN_SPECIAL[1:], *extra_special])
+    if flavour == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as Processor
+    else:
+        from transformers import Qwen2VLProcessor as Processor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    images = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    return Processor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                     chat_template=_QWEN_TEMPLATE), vocab
+
+
+def _qwen_config(flavour: str, vocab: dict, vocab_size: int):
+    if flavour == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config
+
+        vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "out_hidden_size": 32, "num_heads": 2,
+                  "fullatt_block_indexes": [0], "window_size": 56}
+    else:
+        from transformers import Qwen2VLConfig as Config
+
+        vision = {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2}
+    text = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": 0, "bos_token_id": None,
+            "eos_token_id": vocab["<|im_end|>"],
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    return Config(text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
+                  video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
+                  vision_end_token_id=vocab["<|vision_end|>"])
+
+
+def write_qwen2_vl(directory: str | Path, seed: int = 0, flavour: str = "qwen2_vl") -> Path:
+    """A tiny Qwen2-VL (or ``flavour="qwen2_5_vl"``) ``...ForConditionalGeneration`` and its processor,
+    saved with ``save_pretrained`` (safetensors): a model ``vlm:`` and ``unifiedreward`` can load."""
+    from transformers import AutoModelForImageTextToText
+
+    processor, vocab = _qwen_processor(flavour)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(_qwen_config(flavour, vocab, len(processor.tokenizer))).eval()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def write_hpsv3(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """``(HPSv3.safetensors, base directory)``: a tiny HPSv3 checkpoint in transformers 4.45's key layout
+    (``model.*``, ``visual.*``, ``lm_head.*``, ``rm_head.*``) and the base model's config and processor."""
+    from safetensors.torch import save_file
+
+    from .hpsv3 import REWARD_TOKEN, HPSv3Model
+
+    directory = Path(directory)
+    processor, vocab = _qwen_processor("qwen2_vl")
+    config = _qwen_config("qwen2_vl", vocab, len(processor.tokenizer) + 1)  # + <|Reward|>, as the reference resizes
+    base = directory / "base"
+    config.save_pretrained(base)
+    processor.save_pretrained(base)
+    torch.manual_seed(seed)
+    model = HPSv3Model(config)
+    for module in model.rm_head:
+        if isinstance(module, torch.nn.Linear):  # unit-variance layers: the score varies visibly with the input
+            torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.language_model."):
+            key = "model." + key[len("backbone.language_model."):]
+        elif key.startswith("backbone.visual."):
+            key = key[len("backbone."):]
+        state[key] = value.contiguous()
+    state["lm_head.weight"] = torch.randn(config.text_config.vocab_size, config.text_config.hidden_size)
+    assert REWARD_TOKEN not in processor.tokenizer.get_vocab()  # the loader adds it, as the reference does
+    path = directory / "HPSv3.safetensors"
+    save_file(state, str(path))
+    return path, base
+
+
+def _shortened(reward, tokens: int = 8):
+    reward.max_new_tokens = tokens
+    return reward
+
+
 def _random_head(width: int, seed: int):
     """A :class:`RatingMLP` whose output varies visibly with its input (unit-variance layers)."""
     from .aesthetic import RatingMLP
@@ -168,3 +277,42 @@ def _save(state: dict, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save(state, path)
+
+
+def tiny_reward_builders(directory: str | Path, with_vlms: bool = True) -> dict[str, Any]:
+    """``{registered name: build(device=None, dtype=None) -> Reward}`` for every built-in reward.
+
+    Hub rewards are built by their real loaders from tiny checkpoints written to ``directory``
+    (once, here); rewards without weights (and the bundled classifier) come from the registry.
+    For tests and benchmarks that need every reward offline.
+    """
+    from .aesthetic import load_aesthetic
+    from .clip import load_clip_score
+    from .hpsv2 import load_hpsv2
+    from .registry import available_rewards, get_reward
+
+    directory = Path(directory)
+    name = register_tiny_open_clip(directory / "open_clip")
+    hps, head = write_hpsv2(directory), write_aesthetic_head(directory)
+    pickscore, imagereward = write_pickscore(directory / "pickscore"), write_imagereward(directory / "imagereward")
+    builders: dict[str, Any] = {
+        "clip": lambda **o: load_clip_score(name + "/", **o),
+        "hpsv2": lambda **o: load_hpsv2(str(hps), model_name=name, **o),
+        "aesthetic": lambda **o: load_aesthetic(str(head), clip=name + "/", **o),
+        "pickscore": lambda **o: get_reward(f"pickscore:{pickscore}", **o),
+        "imagereward": lambda **o: get_reward(f"imagereward:{imagereward}", **o),
+    }
+    if with_vlms:
+        from .hpsv3 import load_hpsv3
+
+        qwen, qwen25 = write_qwen2_vl(directory / "qwen2-vl"), write_qwen2_vl(directory / "qwen2.5-vl", flavour="qwen2_5_vl")
+        hpsv3, hpsv3_base = write_hpsv3(directory / "hpsv3")
+        builders.update({
+            "vlm": lambda **o: get_reward(f"vlm:{qwen}", **o),
+            # A random model never writes "Final Score:": a few tokens show the cost of generating them.
+            "unifiedreward": lambda **o: _shortened(get_reward(f"unifiedreward:{qwen25}", **o)),
+            "hpsv3": lambda **o: load_hpsv3(str(hpsv3), base=str(hpsv3_base), **o),
+        })
+    for reward in available_rewards():
+        builders.setdefault(reward, lambda n=reward, **o: get_reward(n, **o))
+    return builders

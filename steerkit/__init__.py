@@ -16,6 +16,15 @@ from .state import ParticleState
 __version__ = "0.1.0"
 
 
+def __getattr__(name):
+    # Imported on first use: the scheduler needs diffusers, which `import steerkit` does not load.
+    if name == "FlowMatchSDEScheduler":
+        from .flow_sde import FlowMatchSDEScheduler
+
+        return FlowMatchSDEScheduler
+    raise AttributeError(f"module 'steerkit' has no attribute {name!r}")
+
+
 def steer(pipe):
     """The steered version of a stock diffusers pipeline instance (modules shared, not copied)."""
     from steerkit.pipelines import steer as _steer
@@ -26,6 +35,7 @@ def steer(pipe):
 __all__ = [
     "ClassifierFreeGuidance",
     "Conditioning",
+    "FlowMatchSDEScheduler",
     "Guidance",
     "ParticleState",
     "RunContext",

@@ -39,6 +39,8 @@ SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow-euler-stochastic": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    # steerkit.flow_sde: keeps the model's marginals (--noise-scale); the default for --method fk on flow models
+    "flow-sde": ("FlowMatchSDEScheduler", {"stochastic_sampling": False}),
 }
 
 
@@ -193,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text models: comma-separated labels the GFCG classifier chooses among")
     gen.add_argument("--gfcg-template", default="a photo of a {}", help="text models: the reference prompt")
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
-                     help="sampler (default: the model's; a stochastic one for fk)")
+                     help="sampler (default: the model's; a stochastic one for fk: flow-sde on flow models, "
+                          "ddpm otherwise)")
+    gen.add_argument("--noise-scale", type=_non_negative_float, default=None, metavar="A",
+                     help="flow-sde's noise scale a in g(σ) = a·√(σ/(1−σ)) (Flow-GRPO's noise_level; 0 is the "
+                          "deterministic ODE sampler; default 0.7)")
     gen.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
@@ -418,22 +424,36 @@ def _check_output_dir(out: Path, names: list[str], overwrite: bool) -> None:
                        "pass --overwrite or choose another --out")
 
 
-def _scheduler_for(pipe, name: str | None, method: str):
-    """The scheduler to use; for resampling methods default to a stochastic one (FK needs it)."""
+def _scheduler_for(pipe, name: str | None, method: str, noise_scale: float | None = None):
+    """The scheduler to use; for resampling methods default to a stochastic one (FK needs it).
+
+    Flow models get steerkit's marginal-preserving ``flow-sde`` for FK; ``noise_scale`` is its noise
+    scale (``None``: the scheduler's default).
+    """
     import diffusers
 
+    import steerkit.flow_sde
     from steerkit.schedulers import is_flow_scheduler
 
     flow = is_flow_scheduler(pipe.scheduler)
     if name is None and method == "fk":
-        name = "flow-euler-stochastic" if flow else "ddpm"
+        name = "flow-sde" if flow else "ddpm"
+    if noise_scale is not None and name != "flow-sde":
+        chosen = name or "the model's own sampler"
+        raise CliError(f"--noise-scale applies to the flow-sde sampler, not to {chosen}")
     if name is None:
         return pipe.scheduler, None
     class_name, overrides = SCHEDULERS[name]
     if flow != class_name.startswith("FlowMatch"):
         kind = "flow-matching" if flow else "diffusion (ε/v)"
         raise CliError(f"--scheduler {name} does not fit this {kind} model")
-    return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides), name
+    if noise_scale is not None:
+        overrides = {**overrides, "noise_scale": noise_scale}
+    if class_name.startswith("FlowMatch") and "shift" not in pipe.scheduler.config:
+        # A flow-sigma DPM-Solver config (SANA's) names its shift flow_shift; keep it.
+        overrides = {"shift": pipe.scheduler.config.get("flow_shift", 1.0), **overrides}
+    scheduler_class = getattr(diffusers, class_name, None) or getattr(steerkit.flow_sde, class_name)
+    return scheduler_class.from_config(pipe.scheduler.config, **overrides), name
 
 
 def pipe_default_scale(pipe) -> float:
@@ -593,13 +613,13 @@ def generate_command(args) -> dict[str, Any]:
         probe_reward(resolve_reward(spec, "--evaluator"), "--evaluator", spec, pipe, device, reward_prompts)
     if args.gfcg is not None:
         resolve_reward(args.gfcg_classifier, "--gfcg-classifier")
-    scheduler, scheduler_name = _scheduler_for(pipe, args.scheduler, args.method)
+    scheduler, scheduler_name = _scheduler_for(pipe, args.scheduler, args.method, args.noise_scale)
     if args.shard_particles:
         from steerkit.schedulers import keeps_solver_history
 
         if keeps_solver_history(scheduler):
             raise CliError(f"--shard-particles needs a scheduler without solver history (ddpm, ddim, euler, "
-                           f"euler-ancestral, flow-euler*); {type(scheduler).__name__} keeps per-row history")
+                           f"euler-ancestral, flow-euler*, flow-sde); {type(scheduler).__name__} keeps per-row history")
     pipe.scheduler = scheduler
     call: dict[str, Any] = dict(num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
                                 output_type="np")  # NaN survives in floats; the PNGs are made below

@@ -66,6 +66,7 @@ __all__ = [
     "run_comparison",
     "table_rows",
     "csv_table",
+    "fk_versus_best_of_n",
     "write_comparison",
 ]
 
@@ -389,6 +390,7 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
                 "particles": k, "steering": method.steering, "scheduler": type(chosen).__name__,
                 "scheduler_choice": choice, "total_nfe": trace.total_nfe, "nfe": trace.nfe,
                 "nfe_per_image": trace.total_nfe / columns, "wall_time_s": seconds,
+                "verifier_s": None if trace.verifier is None else trace.verifier.seconds,
                 "rewards": None, "reward": None, "predicted": None, "correct": None, "accuracy": None, "frechet": None,
             }
             if scorer is not None:
@@ -421,8 +423,9 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
         judged_by = {reward} | ({"classifier:fashion", "classifier"} if fashion else set())
         own = " — the same model that scores them, so their scores are partly self-scored" if steer_reward in judged_by else ""
         notes.append(f"FK, best-of-N, dynamic CFG and GFCG steer with {steer_reward}{own}.")
-    notes.append("wall time: sampling only (models loaded and warmed up; rewards and judge excluded), "
-                 f"on {device}; NFEs: model evaluations, all branches and particles.")
+    notes.append("wall time: the sampling call (models loaded and warmed up), on "
+                 f"{device}: it includes the steering rewards and their x̂0 decodes (verifier s), not the reward and "
+                 "judge of the final images; NFEs: model evaluations, all branches and particles.")
     from steerkit import environment
 
     reproducibility = environment.describe(device)
@@ -445,8 +448,8 @@ def run_comparison(pipe, methods: Sequence[MethodSpec], items: Sequence[Any], *,
 
 # --- tables -------------------------------------------------------------------------------------
 
-_COLUMNS = ("method", "spec", "particles", "scheduler", "nfe_total", "nfe_per_image", "wall_s", "reward",
-            "accuracy", "frechet")
+_COLUMNS = ("method", "spec", "particles", "scheduler", "nfe_total", "nfe_per_image", "wall_s", "verifier_s",
+            "reward", "accuracy", "frechet")
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -462,7 +465,8 @@ def table_rows(record: dict[str, Any]) -> list[dict[str, str]]:
         rows.append({
             "method": m["name"], "spec": m["spec"], "particles": str(m["particles"]),
             "scheduler": m["scheduler_choice"] or m["scheduler"], "nfe_total": str(m["total_nfe"]),
-            "nfe_per_image": f"{m['nfe_per_image']:g}", "wall_s": _fmt(m["wall_time_s"], 2), "reward": _fmt(m["reward"], 4), "accuracy": _fmt(m["accuracy"], 3),
+            "nfe_per_image": f"{m['nfe_per_image']:g}", "wall_s": _fmt(m["wall_time_s"], 2),
+            "verifier_s": _fmt(m.get("verifier_s"), 2), "reward": _fmt(m["reward"], 4), "accuracy": _fmt(m["accuracy"], 3),
             "frechet": _fmt(m["frechet"], 3),
         })
     return rows
@@ -482,14 +486,15 @@ def markdown_table(record: dict[str, Any]) -> str:
     settings = record["settings"]
     reward = record["metrics"]["reward"] or "—"
     judge = record["metrics"]["judge"]
-    header = ["method", "particles", "sampler", "NFEs", "NFEs / image", "wall s", f"reward ({reward})",
+    header = ["method", "particles", "sampler", "NFEs", "NFEs / image", "wall s", "verifier s", f"reward ({reward})",
               "accuracy" + (f" ({judge})" if judge else ""), "Fréchet ↓"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table_rows(record):
         cells = [f"`{row['spec']}`" if row["method"] == row["spec"] else f"{row['method']} (`{row['spec']}`)",
                  row["particles"], row["scheduler"], row["nfe_total"], row["nfe_per_image"], row["wall_s"],
-                 row["reward"], row["accuracy"], row["frechet"]]
+                 row["verifier_s"], row["reward"], row["accuracy"], row["frechet"]]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += _fk_versus_best_of_n(record)
     columns = record["columns"]
     lines += ["", f"Model `{settings['model'] or settings['pipeline']}`, {settings['steps']} steps, "
               f"{len(columns)} image(s) per method ({len(settings['items'])} item(s) × {settings['num_images']}, "
@@ -498,6 +503,46 @@ def markdown_table(record: dict[str, Any]) -> str:
     if record.get("command"):
         lines += ["", "Reproduce: `" + " ".join(_quote(a) for a in record["command"]) + "`"]
     return "\n".join(lines) + "\n"
+
+
+def fk_versus_best_of_n(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each FK row with the best-of-N rows at equal NFEs (same particles) and nearest in wall time.
+
+    Wall time includes the verifier cost inside the call, so the second pairing is the comparison
+    at equal wall-clock (as close as the rows that were run allow; ``wall_ratio`` says how close).
+    """
+    methods = record["methods"]
+    best = [m for m in methods if m["steering"] == "best-of-n"]
+    pairs = []
+    for fk in (m for m in methods if m["steering"] == "fk"):
+        same_nfe = next((b for b in best if b["total_nfe"] == fk["total_nfe"]), None)
+        nearest = min(best, key=lambda b: abs(b["wall_time_s"] - fk["wall_time_s"]), default=None)
+        pairs.append({"fk": fk["name"], "equal_nfe": None if same_nfe is None else same_nfe["name"],
+                      "equal_wall_clock": None if nearest is None else nearest["name"],
+                      "wall_ratio": None if nearest is None else nearest["wall_time_s"] / fk["wall_time_s"]})
+    return pairs
+
+
+def _fk_versus_best_of_n(record: dict[str, Any]) -> list[str]:
+    pairs = [p for p in fk_versus_best_of_n(record) if p["equal_nfe"] or p["equal_wall_clock"]]
+    if not pairs:
+        return []
+    by_name = {m["name"]: m for m in record["methods"]}
+
+    def cell(name: str | None) -> str:
+        if name is None:
+            return "—"
+        m = by_name[name]
+        return f"{name}: {_fmt(m['reward'], 4) or '—'} ({_fmt(m['wall_time_s'], 2)} s, {m['total_nfe']} NFEs)"
+
+    lines = ["", "| FK | FK reward (wall s) | best-of-N at equal NFEs | best-of-N nearest in wall time |",
+             "|---|---|---|---|"]
+    for p in pairs:
+        fk = by_name[p["fk"]]
+        ratio = "" if p["wall_ratio"] is None else f" ×{p['wall_ratio']:.2f} FK's time"
+        lines.append(f"| {p['fk']} | {_fmt(fk['reward'], 4) or '—'} ({_fmt(fk['wall_time_s'], 2)} s) | "
+                     f"{cell(p['equal_nfe'])} | {cell(p['equal_wall_clock'])}{ratio} |")
+    return lines
 
 
 def _quote(arg: str) -> str:

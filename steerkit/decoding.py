@@ -5,9 +5,12 @@ of them would otherwise run the VAE on the same latents in the same step. :class
 lives on the step's :class:`~steerkit.guidance.StepContext` (so it is new every step and never
 serves a stale image): the first consumer decodes, the others get the same tensor back.
 
-Two ways to pay less for rewards:
+Three ways to pay less for rewards:
 
 - ``input_space = "latents"`` on a reward: it reads x̂0 directly and nothing is decoded for it;
+- ``input_space = "noisy_latents"`` (a :class:`~steerkit.rewards.LatentReward`): it reads the
+  step's noisy latents x_t with their timestep and σ (a reward model trained on noisy latents), and
+  nothing is decoded for it, nor is x̂0 needed. The final samples reach it with σ = 0;
 - ``decode_scale < 1`` on a method: x̂0 is scored at reduced resolution. For ``[B, C, H, W]``
   latents they are area-downsampled *before* decoding, so a VAE decodes ``decode_scale²`` of the
   pixels (an approximation: the VAE sees averaged latents). Other layouts (FLUX's packed
@@ -23,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["StepDecoder", "check_decode_options", "decode_x0", "reward_inputs"]
+from .diagnostics import VerifierCost, current_cost, timed_decode
+
+__all__ = ["StepDecoder", "check_decode_options", "decode_x0", "reward_inputs", "score_latents"]
 
 
 def check_decode_options(decode_batch: Any, decode_scale: Any) -> tuple[int | None, float]:
@@ -58,7 +63,8 @@ def decode_x0(adapter: Any, x0: torch.Tensor, batch_size: int | None = None, sca
     if latent_downsample:
         x0 = _downsample(x0, scale)
     step = batch_size or max(rows, 1)
-    parts = [adapter.decode(x0[i:i + step]) for i in range(0, rows, step)]
+    parts = [timed_decode(lambda i=i: adapter.decode(x0[i:i + step]), x0[i:i + step].shape[0])
+             for i in range(0, rows, step)]
     images = parts[0] if len(parts) == 1 else torch.cat(parts)
     if images.shape[0] != rows:
         raise ValueError(f"adapter.decode returned {images.shape[0]} images for {rows} latents")
@@ -84,6 +90,14 @@ class StepDecoder:
         self._entries: list[tuple[Any, float, torch.Tensor, torch.Tensor]] = []
         self.decoded_rows = 0
         self.reused_rows = 0
+        # The step starts when its decoder is made: the run's verifier cost so far, to subtract.
+        cost = current_cost()
+        self._cost_at_start = None if cost is None else VerifierCost(**vars(cost))
+
+    def cost_so_far(self) -> VerifierCost | None:
+        """Verifier cost accrued since this step began (``None`` when the run is not metered)."""
+        cost = current_cost()
+        return None if cost is None or self._cost_at_start is None else cost.minus(self._cost_at_start)
 
     def images(self, adapter: Any, x0: torch.Tensor, batch_size: int | None = None, scale: float = 1.0) -> torch.Tensor:
         for owner, cached_scale, cached_x0, images in self._entries:
@@ -100,9 +114,34 @@ class StepDecoder:
 
 def reward_inputs(reward: Any, adapter: Any, x0: torch.Tensor, decoder: StepDecoder | None = None,
                   batch_size: int | None = None, scale: float = 1.0) -> torch.Tensor:
-    """What ``reward`` reads for x̂0 ``x0``: the latents themselves, or their (shared) decoded images."""
-    if getattr(reward, "input_space", "pixels") == "latents":
+    """What ``reward`` reads for x̂0 ``x0``: the latents themselves, or their (shared) decoded images.
+
+    Raises:
+        ValueError: for a reward of noisy latents (see :func:`score_latents`): x̂0 is not what it reads.
+    """
+    space = getattr(reward, "input_space", "pixels")
+    if space == "noisy_latents":
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores noisy latents x_t at their noise level; "
+                         "this method only gives rewards x̂0 (use a reward of pixels or of x̂0 latents here)")
+    if space == "latents":
         return x0
     if decoder is None:
         return decode_x0(adapter, x0, batch_size, scale)
     return decoder.images(adapter, x0, batch_size, scale)
+
+
+def score_latents(reward: Any, prompts: list, adapter: Any, x0: torch.Tensor | None, decoder: StepDecoder | None = None,
+                  batch_size: int | None = None, scale: float = 1.0, noisy: torch.Tensor | None = None,
+                  timestep: Any = None, sigma: float | None = None) -> torch.Tensor:
+    """``reward.score`` of one step's particles, reading what the reward reads.
+
+    Pixels: ``x0`` decoded (shared through ``decoder``); x̂0 latents: ``x0``; noisy latents:
+    ``noisy`` (x_t) with ``timestep`` and ``sigma``, or, without ``noisy``, ``x0`` taken as clean
+    samples (σ = 0, timestep 0: the final scoring). Nothing is decoded for latent rewards.
+    """
+    if getattr(reward, "input_space", "pixels") == "noisy_latents":
+        if noisy is None:
+            return reward.score(x0, prompts, timestep=0.0, sigma=0.0)
+        level = float(timestep) if timestep is not None else None
+        return reward.score(noisy, prompts, timestep=level, sigma=sigma)
+    return reward.score(reward_inputs(reward, adapter, x0, decoder, batch_size, scale), prompts)

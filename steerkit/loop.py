@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .diagnostics import RunTrace, StepInfo
+from .diagnostics import RunTrace, StepInfo, metered
 from .guidance import Guidance, StepContext
 from .guidance.base import BranchRequest
 from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook, StepSession
@@ -165,6 +165,7 @@ def _chunks(rows: int, max_batch: int | None):
         yield start, min(start + max_batch, rows)
 
 
+@metered  # the trace carries the run's reward and decode cost (RunTrace.verifier)
 def denoise(
     adapter: DenoiserAdapter,
     conditioning: Conditioning,
@@ -281,7 +282,7 @@ def denoise(
                 conditioning = conditioning.select(index, rows)
                 reindex_scheduler_state(scheduler, index, rows)
                 info.ancestors = index.tolist()
-        info.decoded_rows, info.reused_decoded_rows = ctx.decoder.decoded_rows, ctx.decoder.reused_rows
+        info.record_cost(ctx.decoder)
         state.latents = scheduler.step(model_output, t, state.latents, **step_kwargs, return_dict=False)[0]
         trace.steps.append(info)
         if session is not None:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler"}
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
+                   "FlowMatchSDEScheduler"}
 # Karras-style schedulers: latents x = x0 + σ·ε, the model sees x / √(σ²+1).
 SIGMA_SCHEDULERS = {
     "EulerDiscreteScheduler",
@@ -52,6 +53,7 @@ HISTORY_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "EulerDiscreteScheduler": (),
     "EulerAncestralDiscreteScheduler": (),
     "FlowMatchEulerDiscreteScheduler": (),
+    "FlowMatchSDEScheduler": (),  # steerkit.flow_sde: noise drawn afresh each step, nothing kept
     "LMSDiscreteScheduler": ("derivatives",),
     "PNDMScheduler": ("ets", "cur_sample", "cur_model_output"),
     "HeunDiscreteScheduler": ("prev_derivative", "sample"),
@@ -270,6 +272,8 @@ def is_stochastic(scheduler: Any, step_kwargs: dict[str, Any] | None = None) -> 
         return float(step_kwargs.get("eta", 0.0)) > 0
     if name == "TCDScheduler":
         return float(step_kwargs.get("eta", 0.3)) > 0
+    if name == "FlowMatchSDEScheduler":
+        return float(config.get("noise_scale", 0.0)) > 0
     if name in FLOW_SCHEDULERS:
         return bool(config.get("stochastic_sampling", False))
     if name in {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"}:

@@ -68,3 +68,17 @@ def run_cli(argv, capsys):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture
+def torch_load_calls(monkeypatch):
+    """The ``weights_only`` argument of every ``torch.load`` call made during the test, in order."""
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls

@@ -111,7 +111,14 @@ def test_compare_writes_grid_tables_plots_and_redraws_them_from_json(tiny_model_
     assert any(step["ancestors"] for step in methods["fk:3,50"]["trace"]["steps"])  # it resampled
     # Rewards apply; accuracy and Fréchet do not (no Fashion-MNIST classes), and the table says so.
     assert all(m["reward"] is not None and m["accuracy"] is None and m["frechet"] is None for m in methods.values())
+    # Verifier cost: FK scores inside the call, so its wall time carries reward and decode time; the
+    # table pairs it with best-of-N at equal NFEs and nearest in wall time.
+    assert methods["fk:3,50"]["verifier_s"] > 0 and methods["fk:3,50"]["trace"]["verifier"]["reward_calls"] > 1
+    assert methods["cfg:2"]["verifier_s"] == 0
     markdown = (out / "results.md").read_text()
+    assert "| FK | FK reward (wall s) | best-of-N at equal NFEs | best-of-N nearest in wall time |" in markdown
+    fk_row = next(line for line in markdown.splitlines() if line.startswith("| fk:3,50 | "))
+    assert fk_row.count("best-of-n:3: ") == 2  # the same best-of-N row is both the equal-NFE and the nearest-time one
     assert "accuracy and Fréchet are blank" in markdown and "Reproduce: `steerkit compare class0" in markdown
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,spec,particles") and len(csv_lines) == 6

@@ -7,7 +7,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from steerkit.rewards import get_reward  # noqa: E402
+from steerkit.rewards import MissingWeightsError, get_reward  # noqa: E402
 from steerkit.rewards.clip import load_clip_score  # noqa: E402
 
 TINY = {"embed_dim": 16,
@@ -28,8 +28,7 @@ def test_clip_score_is_100_times_the_cosine(tiny_clip):
     images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     prompts = ["a cat", "a dog", "a red car"]
     scores = tiny_clip.score(images, prompts)
-    x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
-    x = (x - tiny_clip.mean) / tiny_clip.std
+    x = tiny_clip.preprocess(images)  # open_clip's transform (tests/test_rewards_reference.py)
     with torch.no_grad():
         a = torch.nn.functional.normalize(tiny_clip.model.encode_image(x), dim=-1)
         b = torch.nn.functional.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(prompts)), dim=-1)
@@ -53,7 +52,7 @@ def test_unknown_model_and_missing_weights_are_clear(monkeypatch):
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Q-99'"):
         get_reward("clip:ViT-Q-99/openai")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="CLIP weights for 'ViT-B-32' .openai. are not available"):
+    with pytest.raises(MissingWeightsError, match="reward 'clip': none of open_clip_model.safetensors"):
         get_reward("clip:ViT-B-32/openai")
 
 

@@ -15,7 +15,7 @@ open_clip = pytest.importorskip("open_clip")
 from steerkit.rewards import MissingWeightsError, available_rewards, get_reward, tiny  # noqa: E402
 from steerkit.rewards.aesthetic import load_aesthetic  # noqa: E402
 from steerkit.rewards.hpsv2 import load_hpsv2  # noqa: E402
-from steerkit.rewards.imagereward import MEAN, STD, load_imagereward  # noqa: E402
+from steerkit.rewards.imagereward import load_imagereward  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red car", "the tree", "dog", "a house on a tree"]
 ENV_VARS = ["STEERKIT_AESTHETIC_WEIGHTS", "STEERKIT_AESTHETIC_CLIP", "STEERKIT_HPSV2_WEIGHTS",
@@ -38,10 +38,6 @@ def files(tmp_path_factory):
 
 def images(n=5, size=48, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def resized(x, size):
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def chunked(reward, x, prompts):
@@ -87,24 +83,15 @@ def test_env_var_pointing_nowhere_and_bad_versions_are_named(monkeypatch):
         get_reward("hpsv2:v3")
 
 
-def test_aesthetic_is_the_head_on_normalised_clip_embeddings(files, tmp_path, monkeypatch):
+def test_aesthetic_is_the_head_on_normalised_clip_embeddings(files, tmp_path, monkeypatch, torch_load_calls):
     head_path = tiny.write_aesthetic_head(tmp_path)
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
     reward = load_aesthetic(str(head_path), clip=files["open_clip"] + "/")
-    assert calls == [True]  # the .pth was read, and only with weights_only=True
+    assert torch_load_calls == [True]  # the .pth was read, and only with weights_only=True
     x = images()
     scores = chunked(reward, x, PROMPTS)
-    state = real_load(head_path, weights_only=True)
+    state = torch.load(head_path, weights_only=True)
     with torch.no_grad():
-        embedding = F.normalize(reward.clip.model.encode_image((resized(x, 32) - reward.clip.mean) / reward.clip.std),
-                                dim=-1)
+        embedding = F.normalize(reward.clip.model.encode_image(reward.preprocess(x)), dim=-1)
         hidden = embedding
         for index in (0, 2, 4, 6, 7):  # Linear layers; dropout is off in eval
             hidden = hidden @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
@@ -143,7 +130,7 @@ def test_hpsv2_is_100_times_the_cosine_of_the_checkpoint_model(files, tmp_path):
     reference.eval()
     x = images()
     with torch.no_grad():
-        a = F.normalize(reference.encode_image((resized(x, 32) - reward.mean) / reward.std), dim=-1)
+        a = F.normalize(reference.encode_image(reward.preprocess(x)), dim=-1)
         b = F.normalize(reference.encode_text(open_clip.get_tokenizer(name)(PROMPTS)), dim=-1)
     torch.testing.assert_close(chunked(reward, x, PROMPTS), 100 * (a * b).sum(-1), rtol=0, atol=1e-3)
 
@@ -164,7 +151,7 @@ def test_pickscore_is_logit_scale_times_cosine(tmp_path, monkeypatch):
     model = CLIPModel.from_pretrained(directory, local_files_only=True).eval()
     tokens = CLIPTokenizer.from_pretrained(directory, local_files_only=True)(
         PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
-    pixels = (resized(x, 32) - reward.mean) / reward.std
+    pixels = reward.preprocess(x)
     with torch.no_grad():  # transformers' own forward: logits_per_image = exp(logit_scale) · cos
         logits = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
     torch.testing.assert_close(scores, logits.logits_per_image.diagonal(), rtol=0, atol=1e-3)
@@ -178,55 +165,19 @@ def test_pickscore_is_logit_scale_times_cosine(tmp_path, monkeypatch):
     torch.testing.assert_close(get_reward(f"pickscore:{bare}").score(x, PROMPTS), scores)
 
 
-def _blip_vit(state, x, heads):
-    """BLIP's VisionTransformer forward, written from its definition on the original keys."""
-    p = "blip.visual_encoder."
-    weight = state[p + "patch_embed.proj.weight"]
-    width, patch = weight.shape[0], weight.shape[-1]
-    t = F.conv2d(x, weight, state[p + "patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
-    t = torch.cat([state[p + "cls_token"].expand(x.shape[0], -1, -1), t], dim=1) + state[p + "pos_embed"]
-    B, N, _ = t.shape
-    i = 0
-    while f"{p}blocks.{i}.norm1.weight" in state:
-        b = f"{p}blocks.{i}."
-        h = F.layer_norm(t, (width,), state[b + "norm1.weight"], state[b + "norm1.bias"], eps=1e-6)
-        q, k, v = F.linear(h, state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"]).reshape(
-            B, N, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        attention = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5).softmax(-1)
-        t = t + F.linear((attention @ v).transpose(1, 2).reshape(B, N, width), state[b + "attn.proj.weight"],
-                         state[b + "attn.proj.bias"])
-        h = F.layer_norm(t, (width,), state[b + "norm2.weight"], state[b + "norm2.bias"], eps=1e-6)
-        h = F.linear(F.gelu(F.linear(h, state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"])),
-                     state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"])
-        t, i = t + h, i + 1
-    return F.layer_norm(t, (width,), state[p + "norm.weight"], state[p + "norm.bias"], eps=1e-6)
-
-
-def test_imagereward_maps_blip_keys_and_scores_the_cls_feature(tmp_path):
+def test_imagereward_reads_blip_checkpoints_and_bert_tokenizers(tmp_path):
+    """The score itself is checked against ImageReward's pipeline in tests/test_rewards_reference.py."""
     directory = tiny.write_imagereward(tmp_path / "imagereward")
-    state = torch.load(directory / "ImageReward.pt", weights_only=True)
     reward = load_imagereward(str(directory), head_dim=32)  # width 64 → 2 heads, so the qkv split is exercised
     assert reward.resolution == 32 and reward.model.vision.config.num_attention_heads == 2
     x = images()
     scores = chunked(reward, x, PROMPTS)
-    pixels = (resized(x, 32) - reward.mean) / reward.std
-    with torch.no_grad():
-        image_tokens = _blip_vit(state, pixels, heads=2)
-        torch.testing.assert_close(reward.model.vision(pixel_values=pixels).last_hidden_state, image_tokens,
-                                   rtol=0, atol=1e-4)
-        tokens = reward.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        assert tokens.input_ids.shape == (5, 35) and (tokens.input_ids[:, 0] == reward.tokenizer.cls_token_id).all()
-        text = reward.model.text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                                 encoder_hidden_states=image_tokens,
-                                 encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long))
-        hidden = text.last_hidden_state[:, 0]
-        for index in (0, 2, 4, 6, 7):
-            hidden = hidden @ state[f"mlp.layers.{index}.weight"].T + state[f"mlp.layers.{index}.bias"]
-    torch.testing.assert_close(scores, (hidden.squeeze(-1) - MEAN) / STD, rtol=0, atol=1e-4)
+    tokens = reward.tokenize(PROMPTS)
+    assert tokens["input_ids"].shape == (5, 35) and (tokens["input_ids"][:, 0] == reward.tokenizer.cls_token_id).all()
     assert scores.std() > 1e-3
     assert len(reward.tokenizer) == len(tiny.WORDS) + 5 + 2  # BLIP adds [DEC] and [ENC]
 
-    # The registry reads the same directory; the image tokens depend on the image, the text on the prompt.
+    # The registry reads the same directory.
     via_registry = get_reward(f"imagereward:{directory}")
     assert via_registry.score(x[:1, :1], PROMPTS[:1]).shape == (1,)  # grey images are expanded
     with pytest.raises(ValueError, match="not an ImageReward checkpoint"):

@@ -144,9 +144,11 @@ def test_history_table_matches_a_generic_search(name):
     """Every per-sample tensor a scheduler holds mid-run is in our table (catches new diffusers buffers)."""
     import diffusers
 
+    import steerkit.flow_sde
+
     if name == "LMSDiscreteScheduler":
         pytest.importorskip("scipy")
-    scheduler = getattr(diffusers, name)()
+    scheduler = (getattr(diffusers, name, None) or getattr(steerkit.flow_sde, name))()
     scheduler.set_timesteps(6)
     torch.manual_seed(0)
     sample = torch.randn(3, 4, 8, 8) * getattr(scheduler, "init_noise_sigma", 1.0)

@@ -25,7 +25,8 @@ dropped them, FK-Diffusion-Steering issue #12). With adaptive resampling each pr
 its own: prompts whose ESS is still high keep their weights and their particles.
 
 Resampling only helps if the transitions are stochastic (DDPM, DDIM η > 0, Euler-ancestral,
-SDE-DPM-Solver, stochastic flow sampling). With a deterministic sampler the copies of a particle
+SDE-DPM-Solver; for flow models :class:`steerkit.FlowMatchSDEScheduler`, which keeps the model's
+marginals, unlike FlowMatchEuler's ``stochastic_sampling=True``). With a deterministic sampler the copies of a particle
 stay identical, so FK warns once (``stochastic=`` overrides the detection).
 
 Weights are in log space (``weights.py``). Non-finite rewards give zero weight. A prompt whose
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from steerkit.decoding import StepDecoder, check_decode_options, reward_inputs
+from steerkit.decoding import StepDecoder, check_decode_options, score_latents
 from steerkit.protocols import RunContext, SteeringHook
 from steerkit.schedulers import is_stochastic
 
@@ -96,19 +97,22 @@ class _RewardHook(SteeringHook):
         # mapping holds for the whole run.
         self.row_prompts = [run.prompts[row // run.num_particles] for row in range(state.batch_size)]
 
-    def score(self, latents: torch.Tensor, decoder: StepDecoder | None = None) -> torch.Tensor:
+    def score(self, latents: torch.Tensor, decoder: StepDecoder | None = None, ctx: Any = None,
+              noisy: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards ``[P*K]`` (float64, CPU) of ``latents`` (x̂0 or final samples).
 
         With a step's ``decoder`` (intermediate x̂0), images are shared with the step's other
         consumers and scored at ``decode_scale``; final samples (no decoder) are scored at full
-        resolution, so the terminal weights tilt by the full-resolution reward.
+        resolution, so the terminal weights tilt by the full-resolution reward. A reward of noisy
+        latents reads ``noisy`` (the step's x_t) at ``ctx``'s timestep and σ instead, undecoded.
         """
         scale = self.decode_scale if decoder is not None else 1.0
+        level = {} if ctx is None else {"timestep": ctx.timestep, "sigma": ctx.sigma}
         with torch.no_grad():
-            inputs = reward_inputs(self.reward, self.run.adapter, latents, decoder, self.decode_batch, scale)
-            rewards = self.reward.score(inputs, self.row_prompts)
+            rewards = score_latents(self.reward, self.row_prompts, self.run.adapter, latents, decoder,
+                                    self.decode_batch, scale, noisy=noisy, **level)
         self.reward_calls += 1
-        self.images_scored += latents.shape[0]
+        self.images_scored += rewards.shape[0]
         return rewards.to(torch.float64).cpu()
 
     def _selection(self, state, final_rewards: torch.Tensor, final_log_weights: torch.Tensor) -> torch.Tensor | None:
@@ -211,6 +215,8 @@ class FKSteering(_RewardHook):
         self._check_resample_at()
         self._warned = False
         super().__init__(reward, select, seed, decode_batch, decode_scale)
+        # A reward of noisy latents reads x_t: the loop need not compute x̂0 for FK.
+        self.needs_x0 = getattr(self.reward, "input_space", "pixels") != "noisy_latents"
 
     # --- when to score and resample ------------------------------------------------------------
     def _check_resample_at(self) -> None:
@@ -269,8 +275,9 @@ class FKSteering(_RewardHook):
             warnings.warn(
                 f"FK steering with a deterministic sampler ({type(run.scheduler).__name__}"
                 f"{'' if self.stochastic is None else ', stochastic=False'}): resampled particles stay identical "
-                "copies. Use a stochastic one (DDPM, DDIM with eta>0, Euler-ancestral, FlowMatchEuler with "
-                "stochastic_sampling=True), or pass stochastic=True if this one is.", UserWarning, stacklevel=2)
+                "copies. Use a stochastic one (DDPM, DDIM with eta>0, Euler-ancestral; flow models: "
+                "steerkit.FlowMatchSDEScheduler with noise_scale>0), or pass stochastic=True if this one is.",
+                UserWarning, stacklevel=2)
 
     def _reweight(self, state, rewards: torch.Tensor, terminal: bool) -> torch.Tensor:
         """Add this step's log-potential to the weights; returns which rewards were finite."""
@@ -294,9 +301,9 @@ class FKSteering(_RewardHook):
     def on_step(self, ctx, state, info) -> torch.Tensor | None:
         if ctx.step not in self.steps:
             return None
-        if state.x0_hat is None:
+        if state.x0_hat is None and self.needs_x0:
             raise RuntimeError("FKSteering needs state.x0_hat at its scoring steps (the loop computes it when needs_x0)")
-        return self._weigh_and_resample(ctx, state, info, self.score(state.x0_hat, ctx.decoder))
+        return self._weigh_and_resample(ctx, state, info, self.score(state.x0_hat, ctx.decoder, ctx, state.latents))
 
     def _weigh_and_resample(self, ctx, state, info, rewards: torch.Tensor) -> torch.Tensor | None:
         """Re-weight with this step's rewards ``[P*K]``; resample the prompts that are due."""

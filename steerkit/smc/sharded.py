@@ -100,7 +100,7 @@ class ShardedFKSteering(FKSteering):
         if state.x0_hat is None:
             raise RuntimeError("ShardedFKSteering needs state.x0_hat at its scoring steps")
         sent = self.group.bytes_sent
-        rewards = self.shards.gather_rows(self.score(state.x0_hat, ctx.decoder))
+        rewards = self.shards.gather_rows(self.score(state.x0_hat, ctx.decoder, ctx, state.latents))
         view = self._global_view(state)
         ancestors = self._weigh_and_resample(ctx, view, info, rewards)
         self._write_back(view, state)
