@@ -269,12 +269,19 @@ def _sana_flow_euler(config):
     return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
+def _flow_sde(config):
+    # steerkit's marginal-preserving sampler, what `steerkit generate --method fk` picks on flow models.
+    from steerkit.flow_sde import FlowMatchSDEScheduler
+
+    return FlowMatchSDEScheduler(shift=3.0, noise_scale=0.7)
+
+
 NO_STEP_END = "the stock PixArt-Σ call has only the legacy callback(step, t, latents) (tests/test_z_image_sana_pixart.py)"
 SANA_BINNED = dict(use_resolution_binning=True, height=400, width=300)
 FAMILIES += [
     Family("z-image", testing.tiny_z_image, dict(prompt="a red cube", guidance_scale=5.0, **FLOW_SIZE),
            dict(prompt=["a red cube", "a blue ball"]),
-           {"flow-z-image": _z_image_flow, "flow-flux": _flux_flow, "flow-stochastic": _stochastic_flow},
+           {"flow-z-image": _z_image_flow, "flow-flux": _flux_flow, "flow-stochastic": _stochastic_flow, "flow-sde": _flow_sde},
            {"caches": NO_CACHE}, embeds=_z_image_embeds, lora_scale_argument="joint_attention_kwargs",
            custom_schedules=FLOW_CUSTOM, float32_latents=True,
            extra_calls={"negative": dict(negative_prompt="blurry"),
@@ -283,7 +290,7 @@ FAMILIES += [
                         "cfg-normalization-true": dict(cfg_normalization=True)}),
     Family("z-image-turbo", lambda: testing.tiny_z_image(turbo=True),
            dict(prompt="a red cube", guidance_scale=0.0, **FLOW_SIZE), dict(prompt=["a red cube", "a blue ball"]),
-           {"flow-z-image-turbo": _z_image_turbo_flow, "flow-stochastic": _stochastic_flow},
+           {"flow-z-image-turbo": _z_image_turbo_flow, "flow-stochastic": _stochastic_flow, "flow-sde": _flow_sde},
            {"caches": NO_CACHE, "guidance_change": "CFG turned on mid-call without negative embeddings: stock fails with a "
                                                    "bare AssertionError, steered with a ValueError saying why "
                                                    "(tests/test_z_image_sana_pixart.py)"},
@@ -293,7 +300,7 @@ FAMILIES += [
            dict(prompt="a red cube", guidance_scale=4.5, height=64, width=64, use_resolution_binning=False,
                 max_sequence_length=16, complex_human_instruction=None),
            dict(prompt=["a red cube", "a blue ball"]),
-           {"dpm++-flow": _sana_dpm, "flow-euler": _sana_flow_euler, "flow-stochastic": _stochastic_flow},
+           {"dpm++-flow": _sana_dpm, "flow-euler": _sana_flow_euler, "flow-stochastic": _stochastic_flow, "flow-sde": _flow_sde},
            {"caches": NO_CACHE}, embeds=_masked_embeds(), lora_scale_argument="attention_kwargs",
            custom_schedules={"flow-sigmas": ("flow-euler", dict(sigmas=[1.0, 0.55]))}, float32_latents=True,
            extra_calls={"negative": dict(negative_prompt="blurry"), "resolution-binning": SANA_BINNED,

@@ -15,6 +15,7 @@ from steerkit.rewards import CallableReward
 
 import steerkit
 from steerkit import testing
+from steerkit.flow_sde import FlowMatchSDEScheduler
 from steerkit.guidance import (
     AdaptiveGuidance,
     CachedDeltaGuidance,
@@ -69,10 +70,11 @@ def pipes():
 
 
 def stochastic(family):
-    """A stochastic sampler of the family's kind, for FK (resampled copies must be able to diverge)."""
+    """A stochastic sampler of the family's kind, for FK (resampled copies must be able to diverge):
+    on flow models steerkit's marginal-preserving one, the CLI's default for FK."""
     if family == "pixart":
         return DDPMScheduler()
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    return FlowMatchSDEScheduler(shift=3.0, noise_scale=0.7)
 
 
 def steered(pipes, family, scheduler=None):
@@ -569,6 +571,29 @@ def test_cli_generate_on_a_saved_pipeline(tmp_path, capsys, pipes, family):
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["resolved"]["pipeline"].startswith("Steered")
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize(("family", "scheduler", "shift"), [("z_image", "FlowMatchSDEScheduler", 6.0),
+                                                       ("sana", "FlowMatchSDEScheduler", 3.0),
+                                                       ("pixart", "DDPMScheduler", None)])
+def test_cli_fk_picks_the_families_stochastic_sampler(tmp_path, capsys, pipes, family, scheduler, shift):
+    """``--method fk`` on a saved pipeline: flow families get the marginal-preserving flow-SDE with
+    the checkpoint's shift (SANA's DPM-Solver++ calls it ``flow_shift``), PixArt-Σ gets DDPM."""
+    import json
+
+    from conftest import run_cli
+
+    model = tmp_path / "model"
+    pipes[family].save_pretrained(model)
+    size = ["--height", "32", "--width", "32"] if family == "z_image" else ["--height", "64", "--width", "64"]
+    code, _, err = run_cli(["generate", "a red cube", "--model", model, "--steps", "2", "--out", tmp_path / "out",
+                            "--device", "cpu", "--method", "fk", "--particles", "2", "--reward", "brightness", *size],
+                           capsys)
+    assert code == 0, err
+    resolved = json.loads((tmp_path / "out" / "run.json").read_text())["resolved"]
+    assert resolved["scheduler"] == scheduler
+    if shift is not None:
+        assert resolved["scheduler_config"]["shift"] == shift and resolved["scheduler_config"]["noise_scale"] == 0.7
 
 
 def test_cli_builds_z_image_guidance_in_its_own_convention(tmp_path, capsys, pipes):
