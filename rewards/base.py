@@ -14,7 +14,7 @@ A reward subclass implements :meth:`Reward.__call__` on one chunk and declares:
   ``None`` for any size. A :class:`ModelReward` with a ``preprocess`` does its own (its reference
   pipeline's) resizing instead, so :meth:`Reward.score` passes it images at their own size;
 - ``differentiable``: whether gradients flow from the score to the input when the caller enables
-  them (``torch.enable_grad()``); the registry declares the same flag per name
+  them (``torch.enable_grad()``), which reward-gradient methods need; the registry declares the same flag per name
   (:func:`~steerkit.rewards.is_differentiable`);
 - ``batch_size``: the most images per call; :meth:`Reward.score` splits larger batches;
 - ``dtype``: the floating dtype its ``__call__`` receives (default float32: x̂0 of a half-precision
@@ -245,6 +245,7 @@ class WeightedSum(Reward):
         self.name = _format_sum(self.terms)
         # The terms chunk and cast themselves; the sum only has to pass each of them whole batches.
         self.batch_size, self.dtype = 1 << 30, None
+        self.differentiable = all(getattr(r, "differentiable", False) for _, r in terms)
 
     def __call__(self, images, prompts, **conditions):
         total = torch.zeros(images.shape[0], device=images.device)

@@ -164,6 +164,9 @@ class StepInfo:
         reward_s: seconds spent in reward calls this step (see the module docstring).
         reward_calls: top-level reward calls this step.
         decode_s: seconds spent decoding x̂0 for rewards this step.
+        gradient_nfe: model evaluations this step that were also differentiated (a forward with its
+            graph kept plus a backward pass, several forwards' cost each), per branch; counted apart
+            from ``nfe``, which counts the no-grad forwards.
     """
 
     step: int
@@ -186,6 +189,7 @@ class StepInfo:
         cost = decoder.cost_so_far()
         if cost is not None:
             self.reward_s, self.reward_calls, self.decode_s = cost.reward_s, cost.reward_calls, cost.decode_s
+    gradient_nfe: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -214,6 +218,18 @@ class RunTrace:
     @property
     def total_nfe(self) -> int:
         return sum(self.nfe.values())
+
+    @property
+    def gradient_nfe(self) -> dict[str, int]:
+        """Total differentiated model evaluations per branch (reward-gradient proposals), apart from :attr:`nfe`."""
+        total: Counter[str] = Counter()
+        for info in self.steps:
+            total.update(info.gradient_nfe)
+        return dict(total)
+
+    @property
+    def total_gradient_nfe(self) -> int:
+        return sum(self.gradient_nfe.values())
 
     @property
     def model_calls(self) -> int:
@@ -247,6 +263,7 @@ class RunTrace:
             "num_particles": self.num_particles,
             "nfe": self.nfe,
             "total_nfe": self.total_nfe,
+            "gradient_nfe": self.gradient_nfe,
             "model_calls": self.model_calls,
             "decoded_rows": self.decoded_rows,
             "timings": self.timings,

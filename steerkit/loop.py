@@ -11,7 +11,9 @@ Per step:
 4. Let each hook look at the state; a hook may return ancestors, and then latents, the guided
    prediction, conditioning rows, stored statistics and the scheduler's solver history are all
    re-indexed together (before ``scheduler.step``, so the step continues the chosen particles).
-5. ``scheduler.step``, then the stock ``callback_on_step_end`` (through the call's
+5. The stochastic step: ``scheduler.step``, or the run's :class:`~steerkit.protocols.Proposal`
+   (which a hook may bring; it sees the step before the hooks and adds its proposal ratio to the
+   log-weights); then the stock ``callback_on_step_end`` (through the call's
    :class:`~steerkit.protocols.StepSession`, which also owns ``interrupt`` and
    ``current_timestep``, so every stock callback, property and cache sees what the stock loop shows).
 
@@ -31,7 +33,16 @@ import torch
 from .diagnostics import RunTrace, StepInfo, metered
 from .guidance import Guidance, StepContext
 from .guidance.base import BranchRequest
-from .protocols import Conditioning, DenoiserAdapter, RunContext, SteeringHook, StepSession
+from .protocols import (
+    Conditioning,
+    DenoiserAdapter,
+    Proposal,
+    ProposalStep,
+    RunContext,
+    SteeringHook,
+    StepSession,
+    proposal_of,
+)
 from .schedulers import noise_level, predict_x0, reindex_scheduler_state
 from .state import ParticleState
 
@@ -180,6 +191,7 @@ def denoise(
     callback: StepCallback | None = None,
     progress_bar: Any = None,
     session: StepSession | None = None,
+    proposal: Proposal | None = None,
 ) -> tuple[ParticleState, RunTrace]:
     """Run the reverse process from ``state.latents`` over ``timesteps``.
 
@@ -202,6 +214,7 @@ def denoise(
         progress_bar: a tqdm-like object to ``update()`` once per step.
         session: the stock pipeline's per-step duties (interrupt, current timestep, the stock
             ``callback_on_step_end`` with its tensor inputs); steered pipelines pass one.
+        proposal: the stochastic step (default: the one a hook brings, else ``scheduler.step``).
 
     Returns:
         The final state (``latents`` are the clean samples) and the run's :class:`RunTrace`.
@@ -209,10 +222,14 @@ def denoise(
     step_kwargs = step_kwargs or {}
     trace = RunTrace(num_prompts=state.num_prompts, num_particles=state.num_particles)
     needs_x0 = any(hook.needs_x0 for hook in hooks)
+    explicit_proposal = proposal is not None
+    proposal = proposal_of(hooks, proposal)
     if run is not None:
         guidance.start_run(run, state)
         for hook in hooks:
             hook.start(run, state)
+        if explicit_proposal:  # a hook's proposal is started by its hook
+            proposal.start(run, state)
     started = time.perf_counter()
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
@@ -272,6 +289,8 @@ def denoise(
         )
         if needs_x0:
             state.x0_hat = predict_x0(scheduler, model_output, state.latents, t)
+        proposal.prepare(ProposalStep(ctx, state, model_output, scheduler, step_kwargs, info, adapter, conditioning,
+                                      max_batch))
         # Steering may re-weight and re-index every per-particle field together.
         for hook in hooks:
             ancestors = hook.on_step(ctx, state, info)
@@ -283,7 +302,8 @@ def denoise(
                 reindex_scheduler_state(scheduler, index, rows)
                 info.ancestors = index.tolist()
         info.record_cost(ctx.decoder)
-        state.latents = scheduler.step(model_output, t, state.latents, **step_kwargs, return_dict=False)[0]
+        state.latents = proposal.step(ProposalStep(ctx, state, model_output, scheduler, step_kwargs, info, adapter,
+                                                   conditioning, max_batch))
         trace.steps.append(info)
         if session is not None:
             state, conditioning = session.end_step(i, t, state, conditioning)

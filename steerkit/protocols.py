@@ -10,6 +10,8 @@ Read this file, then ``loop.py``, then any method: the loop knows only these int
   particles; FK steering and best-of-N are hooks.
 - :class:`StepSession`: what the stock pipeline does around each step besides denoising
   (``interrupt``, ``current_timestep``, ``callback_on_step_end``); steered pipelines provide it.
+- :class:`Proposal`: the step's stochastic transition ``x_t → x_{t−1}``; the default is the model's
+  own (``scheduler.step``), a hook may bring another (a reward-gradient proposal) with its weights.
 - :class:`~steerkit.guidance.Guidance` (in ``guidance.py``): the per-step scale and combination.
 """
 
@@ -122,6 +124,8 @@ class SteeringHook:
     """
 
     needs_x0: bool = True
+    #: A :class:`Proposal` for the run's stochastic step, or ``None`` for the model's own.
+    proposal: Proposal | None = None
 
     def start(self, run: RunContext, state: ParticleState) -> None:
         pass
@@ -146,3 +150,78 @@ class SteeringHook:
     def select(self, state: ParticleState) -> torch.Tensor | None:
         """Rows to return (e.g. the best particle per prompt), or ``None`` for all rows."""
         return None
+
+
+@dataclass
+class ProposalStep:
+    """What a :class:`Proposal` sees of one step: the particles ``x_t`` and the model's prediction there.
+
+    Attributes:
+        ctx: the step (index, timestep, σ, the run's scheduler, the step's shared decoder).
+        state: the particles; ``state.latents`` is ``x_t``. At :meth:`Proposal.step`, after any
+            resampling this step.
+        model_output: the guided prediction at ``x_t`` that the model's own transition steps with.
+        scheduler: the run's scheduler (step it exactly once per step, in :meth:`Proposal.step`).
+        step_kwargs: the ``scheduler.step`` arguments of the call (``eta``, ``generator``).
+        info: the step's diagnostics; a proposal records its cost here (``gradient_nfe``, ``extras``).
+        adapter: the model family, for a proposal that evaluates the model again.
+        conditioning: the per-row model inputs, in the particles' current order.
+        max_batch: the call's cap on rows per model call.
+    """
+
+    ctx: StepContext
+    state: ParticleState
+    model_output: torch.Tensor
+    scheduler: Any
+    step_kwargs: dict[str, Any]
+    info: StepInfo
+    adapter: Any = None
+    conditioning: Conditioning | None = None
+    max_batch: int | None = None
+
+
+class Proposal:
+    """The loop's stochastic step ``x_t → x_{t−1}``. This base class is the model's own transition.
+
+    The loop calls :meth:`prepare` after the step's prediction (and x̂0), *before* the hooks, and
+    :meth:`step` after them (after any resampling). A proposal that draws from ``q`` rather than the
+    model's ``p`` must add ``log p(x_{t−1} | x_t) − log q(x_{t−1} | x_t)`` to ``state.log_weights``
+    (``[P, K]``) in :meth:`step`, so that FK's weights, which accumulate on top, stay importance
+    weights for the same target. Per-row values that :meth:`prepare` computes and :meth:`step` uses
+    belong in ``state.stats``: resampling then moves them with their particles.
+
+    A hook brings its proposal as its ``proposal`` attribute (at most one hook per run may); a hook
+    that owns a proposal starts it in its own :meth:`SteeringHook.start`.
+    """
+
+    def start(self, run: RunContext, state: ParticleState) -> None:
+        pass
+
+    def prepare(self, step: ProposalStep) -> None:
+        pass
+
+    def step(self, step: ProposalStep) -> torch.Tensor:
+        """``x_{t−1}``: here ``scheduler.step`` with the model's prediction, as the stock loops call it."""
+        return step.scheduler.step(step.model_output, step.ctx.timestep, step.state.latents, **step.step_kwargs,
+                                   return_dict=False)[0]
+
+
+#: The default proposal: the model's own transition.
+MODEL_TRANSITION = Proposal()
+
+
+def proposal_of(hooks: Any, proposal: Proposal | None = None) -> Proposal:
+    """The run's proposal: ``proposal`` if given, else the one a hook brings, else the model's own.
+
+    Raises:
+        ValueError: if more than one is given (two proposals cannot both draw the step).
+    """
+    brought = [hook.proposal for hook in hooks if getattr(hook, "proposal", None) is not None]
+    if proposal is not None:
+        brought = [proposal, *brought]
+    if len(brought) > 1:
+        raise ValueError(f"a run has one proposal for its stochastic step; got {len(brought)} "
+                         f"({', '.join(type(p).__name__ for p in brought)})")
+    if brought and not isinstance(brought[0], Proposal):
+        raise TypeError(f"a proposal must be a steerkit Proposal, got {type(brought[0]).__name__}")
+    return brought[0] if brought else MODEL_TRANSITION

@@ -137,6 +137,27 @@ def noise_level(scheduler: Any, timestep) -> float | None:
     return None
 
 
+def signal_and_noise(scheduler: Any, timestep) -> tuple[float, float]:
+    """``(α, s)`` with the latents entering the step at ``timestep`` distributed as ``α·x0 + s·ε``.
+
+    Variance-preserving schedulers: ``(√ᾱ, √(1−ᾱ))``; Karras-style σ schedulers: ``(1, σ)``; flow
+    matching: ``(1−σ, σ)``.
+    """
+    name = _family_name(scheduler)
+    if name in ALPHA_BAR_SCHEDULERS:
+        alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if is_flow_scheduler(scheduler) and name not in VP_SIGMA_SCHEDULERS:
+        sigma = float(_sigma_at(scheduler, timestep))
+        return 1.0 - sigma, sigma
+    if name in SIGMA_SCHEDULERS:
+        return 1.0, float(_sigma_at(scheduler, timestep))
+    if name in VP_SIGMA_SCHEDULERS:
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(_sigma_at(scheduler, timestep))
+        return float(alpha_t), float(sigma_t)
+    raise NotImplementedError(f"steerkit does not know the noise schedule of {type(scheduler).__name__}")
+
+
 def predict_x0(scheduler: Any, model_output: torch.Tensor, sample: torch.Tensor, timestep) -> torch.Tensor:
     """x̂0 predicted from ``model_output`` at ``timestep``; ``sample`` is the *unscaled* latent given to ``step()``.
 
@@ -281,3 +302,135 @@ def is_stochastic(scheduler: Any, step_kwargs: dict[str, Any] | None = None) -> 
     if name == "EulerDiscreteScheduler":
         return float(step_kwargs.get("s_churn", 0.0)) > 0
     return False
+
+
+# --- the step as a Gaussian ----------------------------------------------------------------------
+
+#: Schedulers whose step draws ``x_{t-1} ~ N(mean(x_t, model_output), std²·I)`` with one fresh noise
+#: draw, and for which :func:`gaussian_step` gives ``mean`` and ``std`` (a gradient-guided proposal
+#: shifts the mean and must know the density it departs from).
+GAUSSIAN_STEP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerAncestralDiscreteScheduler",
+                            "FlowMatchEulerDiscreteScheduler")
+#: A scheduler outside that list may define this method, ``(model_output, timestep, sample, **step_kwargs)
+#: -> (mean, std)``, to declare its step Gaussian.
+GAUSSIAN_STEP_METHOD = "steerkit_gaussian_step"
+
+
+def gaussian_step(scheduler: Any, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                  step_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of the transition ``scheduler.step(model_output, timestep, sample, **step_kwargs)`` draws from.
+
+    Call it before ``scheduler.step`` (Euler-type schedulers advance their index in the step).
+    ``mean`` has ``sample``'s shape (float32 or wider); ``std`` is a 0-d tensor, 0 where the step adds
+    no noise (DDPM's last step). Supported: DDPM (fixed variance types), DDIM (any ``eta``; 0 gives
+    std 0), Euler-ancestral, FlowMatchEuler with ``stochastic_sampling=True``, and any scheduler with
+    a ``steerkit_gaussian_step`` method. ``tests/test_proposals.py`` checks each against the
+    scheduler's own step.
+
+    Raises:
+        ValueError: for any other scheduler or setting (learned variances, deterministic flow steps),
+            naming what is supported.
+    """
+    step_kwargs = step_kwargs or {}
+    own = getattr(scheduler, GAUSSIAN_STEP_METHOD, None)
+    if callable(own):
+        mean, std = own(model_output, timestep, sample, **step_kwargs)
+        return mean, torch.as_tensor(std, dtype=torch.float32)
+    name = _family_name(scheduler)
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    x, out = sample.to(dtype), model_output.to(dtype)
+    config = scheduler.config
+    if name == "DDPMScheduler":
+        return _ddpm_gaussian(scheduler, out, timestep, x)
+    if name == "DDIMScheduler":
+        return _ddim_gaussian(scheduler, out, timestep, x, step_kwargs)
+    if name == "EulerAncestralDiscreteScheduler":
+        index = current_index(scheduler, timestep)
+        sigma_from, sigma_to = scheduler.sigmas[index].to(dtype), scheduler.sigmas[index + 1].to(dtype)
+        x0 = predict_x0(scheduler, out, x, timestep)
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        return x + (x - x0) / sigma_from * (sigma_down - sigma_from), sigma_up.cpu()
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if not config.get("stochastic_sampling", False):
+            raise ValueError("FlowMatchEulerDiscreteScheduler steps deterministically; a Gaussian step needs "
+                             "stochastic_sampling=True")
+        if step_kwargs.get("per_token_timesteps") is not None:
+            raise ValueError("FlowMatchEulerDiscreteScheduler with per_token_timesteps is not a supported Gaussian step")
+        index = current_index(scheduler, timestep)
+        sigma_next = scheduler.sigmas[index + 1].to(dtype)
+        x0 = predict_x0(scheduler, out, x, timestep)
+        return (1.0 - sigma_next) * x0, sigma_next.cpu()
+    raise ValueError(f"{type(scheduler).__name__} is not a supported Gaussian step; supported: "
+                     f"{', '.join(GAUSSIAN_STEP_SCHEDULERS)} (FlowMatchEuler with stochastic_sampling=True), or a "
+                     f"scheduler with a {GAUSSIAN_STEP_METHOD}() method")
+
+
+def _ddpm_gaussian(scheduler: Any, out: torch.Tensor, timestep, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    variance_type = scheduler.config.get("variance_type", "fixed_small")
+    if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+        raise ValueError(f"DDPMScheduler with variance_type={variance_type!r} is not a supported Gaussian step; "
+                         "supported: fixed_small, fixed_small_log, fixed_large")
+    if out.shape[1] == x.shape[1] * 2:
+        raise ValueError("DDPMScheduler with a learned variance (model output with twice the channels) is not supported")
+    t = int(timestep)
+    prev_t = int(scheduler.previous_timestep(t))
+    alpha_bar = scheduler.alphas_cumprod[t].to(x.dtype)
+    alpha_bar_prev = scheduler.alphas_cumprod[prev_t].to(x.dtype) if prev_t >= 0 else scheduler.one.to(x.dtype)
+    beta = 1 - alpha_bar / alpha_bar_prev
+    x0 = predict_x0(scheduler, out, x, timestep)
+    mean = (alpha_bar_prev**0.5 * beta / (1 - alpha_bar)) * x0 + ((1 - beta) ** 0.5 * (1 - alpha_bar_prev)
+                                                                  / (1 - alpha_bar)) * x
+    if t == 0:
+        return mean, torch.zeros(())
+    variance = scheduler._get_variance(t).to(torch.float32)
+    std = variance if variance_type == "fixed_small_log" else variance**0.5  # as DDPMScheduler.step applies it
+    return mean, std.cpu()
+
+
+def _ddim_gaussian(scheduler: Any, out: torch.Tensor, timestep, x: torch.Tensor,
+                   step_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = int(timestep)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_bar = scheduler.alphas_cumprod[t].to(x.dtype)
+    alpha_bar_prev = (scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod).to(x.dtype)
+    x0 = predict_x0(scheduler, out, x, timestep)
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type == "epsilon":
+        eps = out
+    elif prediction_type == "sample":
+        eps = (x - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5
+    else:  # v_prediction
+        eps = alpha_bar**0.5 * out + (1 - alpha_bar) ** 0.5 * x
+    if step_kwargs.get("use_clipped_model_output", False):
+        eps = (x - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5
+    eta = float(step_kwargs.get("eta", 0.0))
+    std = eta * scheduler._get_variance(t, prev_t).to(x.dtype) ** 0.5
+    mean = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - std**2) ** 0.5 * eps
+    return mean, std.to(torch.float32).cpu()
+
+
+def check_gaussian_step(scheduler: Any, step_kwargs: dict[str, Any] | None = None) -> None:
+    """Raise a one-line ``ValueError`` unless :func:`gaussian_step` describes ``scheduler``'s step and it adds noise.
+
+    For a method that shifts the step's mean (a reward-gradient proposal), before the first step.
+    """
+    step_kwargs = step_kwargs or {}
+    if callable(getattr(scheduler, GAUSSIAN_STEP_METHOD, None)):
+        return
+    name = _family_name(scheduler)
+    config = scheduler.config if scheduler is not None else {}
+    supported = (f"supported: DDPM, DDIM with eta > 0, Euler-ancestral, FlowMatchEuler with stochastic_sampling=True, "
+                 f"or a scheduler with a {GAUSSIAN_STEP_METHOD}() method")
+    if name not in GAUSSIAN_STEP_SCHEDULERS:
+        raise ValueError(f"{type(scheduler).__name__}'s step is not a supported Gaussian transition; {supported}")
+    if name == "DDIMScheduler" and float(step_kwargs.get("eta", 0.0)) <= 0:
+        raise ValueError(f"DDIMScheduler with eta = {step_kwargs.get('eta', 0.0)} steps deterministically, so its mean "
+                         f"cannot be shifted; pass eta > 0 ({supported})")
+    if name == "FlowMatchEulerDiscreteScheduler" and not config.get("stochastic_sampling", False):
+        raise ValueError(f"FlowMatchEulerDiscreteScheduler steps deterministically unless stochastic_sampling=True "
+                         f"({supported})")
+    if name == "DDPMScheduler" and config.get("variance_type", "fixed_small") not in ("fixed_small", "fixed_small_log",
+                                                                                      "fixed_large"):
+        raise ValueError(f"DDPMScheduler with variance_type={config.get('variance_type')!r} is not supported; "
+                         "use fixed_small, fixed_small_log or fixed_large")

@@ -390,7 +390,7 @@ def test_cli_fk_on_a_flow_model_defaults_to_the_sde_sampler(tiny_flow_dir, tmp_p
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "fk", "--scheduler", "flow-euler", "--noise-scale", "1"], "--noise-scale applies to the flow-sde"),
+    (["--method", "fk", "--reward", "brightness", "--scheduler", "flow-euler", "--noise-scale", "1"], "--noise-scale applies to the flow-sde"),
     (["--noise-scale", "1"], "not to the model's own sampler"),
     (["--scheduler", "flow-sde", "--noise-scale", "-1"], "--noise-scale"),
 ])
@@ -408,8 +408,8 @@ def test_cli_refuses_flow_sde_for_a_diffusion_model_and_fk_there_stays_ddpm(tiny
     code, _, stderr = run_cli(["generate", "class0", "--model", tiny_model_dir, "--scheduler", "flow-sde",
                                "--out", tmp_path / "o"], capsys)
     assert code == 2 and "does not fit" in stderr
-    code, _, stderr = run_cli(["generate", "class0", "--model", tiny_model_dir, "--method", "fk", "--noise-scale", "1",
-                               "--out", tmp_path / "p"], capsys)
+    code, _, stderr = run_cli(["generate", "class0", "--model", tiny_model_dir, "--method", "fk", "--reward", "brightness",
+                               "--noise-scale", "1", "--out", tmp_path / "p"], capsys)
     assert code == 2 and "not to ddpm" in stderr
 
 

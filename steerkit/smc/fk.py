@@ -19,7 +19,10 @@ proposals (so the proposal ratio is 1 and the weights are the potentials alone):
     return the best particle per prompt (or a weighted draw, or all of them with their weights)
 
 Resampling happens before the scheduler step, so the step continues the chosen particles. The
-weighted particles then target ``p(x0 | c) · exp(λ r(x0, c))``, whatever the potential. Weights
+weighted particles then target ``p(x0 | c) · exp(λ r(x0, c))`` as K → ∞, whatever the potential; at
+practical K only the ``difference`` potential does (``max``, ``sum`` and ``immediate`` maximise the
+reward instead; see ``potentials.py``). A proposal other than the model's own (``proposals.py``)
+adds its ratio to the same weights. Weights
 accumulate across scoring steps that do not resample (the reference code's adaptive branch
 dropped them, FK-Diffusion-Steering issue #12). With adaptive resampling each prompt decides on
 its own: prompts whose ESS is still high keep their weights and their particles.
@@ -39,7 +42,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,6 +52,7 @@ from steerkit.schedulers import is_stochastic
 
 from . import potentials
 from .resampling import get_resampler
+from .steps import check_steps, resolve_steps
 from .weights import effective_sample_size, log_mean_weight, normalize, sanitize_log_increment
 
 __all__ = ["SELECT", "BestOfN", "FKSteering"]
@@ -161,8 +164,9 @@ class FKSteering(_RewardHook):
             spread of rewards across particles of a few units resamples decisively; λ = 0 is plain
             sampling.
         potential: ``"difference"`` (default: in bench/fk's 500-prompt GPU table it beat best-of-k
-            at every k for both rewards, where ``"max"`` did not), ``"max"``, ``"sum"`` or ``"immediate"``
-            (see :mod:`~steerkit.smc.potentials`).
+            at every k for both rewards, where ``"max"`` did not; and the one that targets the tilt at
+            practical K), ``"max"``, ``"sum"`` or ``"immediate"`` (reward maximisers at practical K; see
+            :mod:`~steerkit.smc.potentials`).
         resampler: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"``, ``"residual"``,
             or a callable ``(log_weights [P, K], generator) -> local ancestors [P, K]``.
         resample_at: the scoring steps (0-based loop indices). A list of step indices, a list of
@@ -221,22 +225,7 @@ class FKSteering(_RewardHook):
     # --- when to score and resample ------------------------------------------------------------
     def _check_resample_at(self) -> None:
         """What can be checked before the number of steps is known (types, signs, fractions)."""
-        spec = self.resample_at
-        if spec is None or isinstance(spec, range):
-            return
-        if isinstance(spec, tuple) and len(spec) == 3 and all(_is_int(v) for v in spec):
-            start, stop, every = spec
-            if every < 1 or start < 0 or stop < start:
-                raise ValueError(f"resample_at (start, stop, every) needs 0 ≤ start ≤ stop and every ≥ 1, got {spec}")
-            return
-        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
-            raise ValueError(f"resample_at must be a list of steps or fractions, a range, or (start, stop, every); got {spec!r}")
-        for value in spec:
-            if _is_int(value):
-                if value < 0:
-                    raise ValueError(f"resample_at steps must be ≥ 0, got {value}")
-            elif not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < 1):
-                raise ValueError(f"resample_at entries are step indices or fractions in (0, 1), got {value!r}")
+        check_steps(self.resample_at, "resample_at")
 
     def scoring_steps(self, num_steps: int) -> list[int]:
         """The sorted loop indices at which FK scores particles, for a run of ``num_steps`` steps.
@@ -245,18 +234,7 @@ class FKSteering(_RewardHook):
             ValueError: if a step falls outside ``[0, num_steps)``.
         """
         spec = DEFAULT_RESAMPLE_AT if self.resample_at is None else self.resample_at
-        if isinstance(spec, range):
-            steps = list(spec)
-        elif isinstance(spec, tuple) and len(spec) == 3 and all(_is_int(v) for v in spec):
-            start, stop, every = (int(v) for v in spec)
-            steps = list(range(start, stop + 1, every))
-        else:
-            # A tiny epsilon so that 0.29·100 (= 28.999…) is step 29, not 28.
-            steps = [int(v) if _is_int(v) else math.floor(float(v) * num_steps + 1e-9) for v in spec]
-        bad = sorted({s for s in steps if not 0 <= s < num_steps})
-        if bad:
-            raise ValueError(f"resample_at steps {bad} are outside the trajectory [0, {num_steps})")
-        return sorted(set(steps))
+        return resolve_steps(spec, num_steps, "resample_at")
 
     # --- the hook ------------------------------------------------------------------------------
     def start(self, run: RunContext, state) -> None:

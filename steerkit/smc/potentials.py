@@ -3,8 +3,18 @@
 The target is the tilted distribution ``p(x0) · exp(λ r(x0))``. Each potential multiplies a
 particle's weight by ``G_t`` at the scoring steps. A terminal correction makes the product of all
 ``G`` along any lineage exactly ``exp(λ · r(x0))``. That identity holds for any intermediate
-rewards, so every potential targets the same distribution. They differ in how early they favour
-particles:
+rewards, so every potential targets the same distribution *as K → ∞*. At practical K they do not:
+
+- ``difference`` is accurate: its product telescopes, so no lineage is tilted by more than
+  ``exp(λ r)`` at any time;
+- ``max``, ``sum`` and ``immediate`` tilt each lineage again at every scoring step, and resampling
+  empties the other modes before the terminal correction can give them their weight back: they are
+  reward maximisers. On a 2-D mixture with modes of weight 0.6 / 0.3 / 0.1 and a reward whose tilt
+  gives the smallest 0.79, at K = 1024 with 9 scoring steps (DDPM, 100 steps) ``max`` returned it
+  with weight 0.98, ``sum`` and ``immediate`` 1.00, ``difference`` 0.787
+  (``tests/test_smc_twisted.py``).
+
+They differ in how early they favour particles:
 
 - ``difference``: ``log G_t = λ (r_t − r_prev)``, with ``r_prev = 0`` before the first scoring
   step. It rewards improvement, and the product telescopes.
