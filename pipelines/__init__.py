@@ -9,10 +9,18 @@ from .class_conditional import (
 from .dit import DiTAdapter, SteeredDiTPipeline
 from .flux import FluxAdapter, SteeredFluxPipeline
 from .flux2 import Flux2Adapter, Flux2KleinAdapter, SteeredFlux2KleinPipeline, SteeredFlux2Pipeline
+from .pixart import PixArtSigmaAdapter, SteeredPixArtSigmaPipeline
 from .qwenimage import QwenImageAdapter, QwenImageGuidance, SteeredQwenImagePipeline
+from .sana import SanaAdapter, SteeredSanaPipeline
 from .stable_diffusion import StableDiffusionAdapter, SteeredStableDiffusionPipeline
 from .stable_diffusion_3 import StableDiffusion3Adapter, SteeredStableDiffusion3Pipeline
 from .stable_diffusion_xl import StableDiffusionXLAdapter, SteeredStableDiffusionXLPipeline
+from .z_image import (
+    SteeredZImagePipeline,
+    ZImageAdapter,
+    ZImageClassifierFreeGuidance,
+    ZImageGuidance,
+)
 
 __all__ = [
     "Adapter",
@@ -24,6 +32,8 @@ __all__ = [
     "FluxAdapter",
     "QwenImageAdapter",
     "QwenImageGuidance",
+    "PixArtSigmaAdapter",
+    "SanaAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
@@ -34,8 +44,14 @@ __all__ = [
     "SteeredFluxPipeline",
     "SteeredMixin",
     "SteeredQwenImagePipeline",
+    "SteeredPixArtSigmaPipeline",
+    "SteeredSanaPipeline",
     "SteeredStableDiffusion3Pipeline",
     "SteeredStableDiffusionPipeline",
     "SteeredStableDiffusionXLPipeline",
+    "SteeredZImagePipeline",
+    "ZImageAdapter",
+    "ZImageClassifierFreeGuidance",
+    "ZImageGuidance",
     "steer",
 ]

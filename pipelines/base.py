@@ -39,7 +39,9 @@ Checklist: what a family adapter provides (subclass :class:`Adapter`)
    :class:`Prepared`. Pass the call's dtype through: never cast the pipeline.
 5. ``callback_tensors``: for every name in the stock ``_callback_tensor_inputs`` other than
    ``latents``, the conditioning key it is and its layout (see :data:`CALLBACK_LAYOUTS`). A stock
-   name missing from the map is refused with an error naming the adapter.
+   name missing from the map is refused with an error naming the adapter. When the stock value is
+   not the loop's tensor (Z-Image's list of per-row captions), ``callback_value`` /
+   ``callback_inputs`` convert between the two.
 6. ``cache_contexts = True`` when the stock loop wraps each branch's model call in
    ``denoiser.cache_context("cond")`` / ``("uncond")``; ``denoiser`` when it is neither
    ``pipe.transformer`` nor ``pipe.unet``.
@@ -48,6 +50,8 @@ Checklist: what a family adapter provides (subclass :class:`Adapter`)
    that changes ``pipe._guidance_scale`` acts as under stock. ``family_guidance(guidance)``: a
    guidance the caller passed, under the family's own guidance rule where it has one (Qwen-Image's
    norm rescale); the default returns it unchanged.
+   ``call_guidance(guidance)`` then wraps any guidance (the default one too) in the family's
+   per-call rules (Z-Image's ``cfg_truncation``), when it has some.
 8. ``forward(x, t, inputs)``: the model call of the stock loop (timestep scaling, ids, kwargs).
 9. ``decode(x0)``: x̂0 → images in [0, 1] float32, for rewards; cast the latents to the VAE's dtype
    (or upcast exactly when the stock decode upcasts). ``finish(latents, call)``: the stock output.
@@ -171,6 +175,19 @@ class Adapter:
     def pipeline_cfg(self, guidance_scale: float, guidance_rescale: float = 0.0) -> Guidance:
         """Stock CFG that follows ``pipe._guidance_scale`` during the call (see :class:`PipelineCFG`)."""
         return PipelineCFG(self.pipe, guidance_scale, guidance_rescale)
+
+    def call_guidance(self, guidance: Guidance) -> Guidance:
+        """The guidance the loop runs for ``guidance`` (the user's or the default): itself, or
+        wrapped in rules the stock call applies to whatever guides (Z-Image's ``cfg_truncation``)."""
+        return guidance
+
+    def callback_value(self, key: str, inputs: dict[str, Any]) -> Any:
+        """One branch's conditioning ``key`` as the stock callback sees it (by default the tensor itself)."""
+        return inputs[key]
+
+    def callback_inputs(self, key: str, value: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """One branch's conditioning with ``key`` replaced by a callback's ``value`` (inverse of :meth:`callback_value`)."""
+        return {**inputs, key: value}
 
     def prepare(self, call: dict[str, Any], num_particles: int, guidance: Guidance) -> Prepared:
         raise NotImplementedError
@@ -335,6 +352,7 @@ def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guida
         if session.tracks_timestep:
             pipe._current_timestep = None
         guidance = adapter.family_guidance(guidance) if guidance is not None else adapter.default_guidance(call)
+        guidance = adapter.call_guidance(guidance)
         prepared = adapter.prepare(call, num_particles, guidance)
         session.check_tensor_inputs()
         pipe._num_timesteps = len(prepared.timesteps)
@@ -421,17 +439,20 @@ class StockSession:
     """
 
     def __init__(self, pipe: Any, adapter: Adapter, call: dict[str, Any]):
-        self.pipe, self.adapter = pipe, adapter
+        self.pipe, self.adapter, self.call = pipe, adapter, call
         self.tracks_timestep = isinstance(getattr(type(pipe), "current_timestep", None), property)
-        self.callback = call.get("callback_on_step_end")
-        names = list(call.get("callback_on_step_end_tensor_inputs") or ["latents"])
+        self.callback: Any = None
+        self.names: list[str] = []
+
+    def check_tensor_inputs(self) -> None:
+        """After the adapter's ``prepare`` (whose stock ``check_inputs`` refuses names the stock
+        pipeline does not allow, with the stock message, and which may route a legacy callback into
+        ``callback_on_step_end``): take the call's callback; every name must be mapped by the adapter."""
+        self.callback = self.call.get("callback_on_step_end")
+        names = list(self.call.get("callback_on_step_end_tensor_inputs") or ["latents"])
         if hasattr(self.callback, "tensor_inputs"):  # a PipelineCallback brings its own, as in stock
             names = list(self.callback.tensor_inputs)
         self.names = names if self.callback is not None else []
-
-    def check_tensor_inputs(self) -> None:
-        """After the adapter's stock ``check_inputs`` (which refuses names the stock pipeline does
-        not allow, with the stock message): every allowed name must be mapped by the adapter."""
         for name in self.names:
             if name != "latents" and name not in self.adapter.callback_tensors:
                 raise NotImplementedError(f"{type(self.adapter).__name__} does not map the callback tensor input {name!r}")
@@ -478,11 +499,12 @@ class StockSession:
         if name == "latents":
             return state.latents
         key, layout = self.adapter.callback_tensors[name]
+        value = self.adapter.callback_value
         if layout == "cond" or (layout == "both" and conditioning.uncond is None):
-            return conditioning.cond[key]
+            return value(key, conditioning.cond)
         if layout == "uncond":
-            return None if conditioning.uncond is None else conditioning.uncond[key]
-        parts = {"cond": conditioning.cond[key], "uncond": conditioning.uncond[key]}
+            return None if conditioning.uncond is None else value(key, conditioning.uncond)
+        parts = {"cond": value(key, conditioning.cond), "uncond": value(key, conditioning.uncond)}
         return torch.cat([parts[branch] for branch in self.adapter.branch_order])
 
     def _replace(self, name: str, value: torch.Tensor, rows: int, conditioning: Conditioning) -> Conditioning:
@@ -491,18 +513,19 @@ class StockSession:
             return conditioning  # the stock loops ignore a replaced negative tensor as well
         cond = dict(conditioning.cond)
         uncond = None if conditioning.uncond is None else dict(conditioning.uncond)
-        if value.shape[0] == rows:
-            cond[key] = value
+        if len(value) == rows:
+            cond = self.adapter.callback_inputs(key, value, cond)
             if layout == "both":
                 uncond = None  # the conditional rows only: the unconditional branch is cut off
-        elif layout == "both" and uncond is not None and value.shape[0] == 2 * rows:
+        elif layout == "both" and uncond is not None and len(value) == 2 * rows:
             first, second = value.split(rows)
             order = self.adapter.branch_order
             parts = dict(zip(order, (first, second)))
-            cond[key], uncond[key] = parts["cond"], parts["uncond"]
+            cond = self.adapter.callback_inputs(key, parts["cond"], cond)
+            uncond = self.adapter.callback_inputs(key, parts["uncond"], uncond)
         else:
             expected = f"{rows} (conditional rows)" + (f" or {2 * rows} (both branches)" if layout == "both" else "")
-            raise ValueError(f"callback_on_step_end returned {name!r} with {value.shape[0]} rows; expected {expected}")
+            raise ValueError(f"callback_on_step_end returned {name!r} with {len(value)} rows; expected {expected}")
         if uncond is not None and set(uncond) != set(cond):
             uncond = None
         return Conditioning(cond, uncond, conditioning.static)
@@ -568,8 +591,11 @@ def _load_adapters() -> None:
         dit,
         flux,
         flux2,
+        pixart,
         qwenimage,
+        sana,
         stable_diffusion,
         stable_diffusion_3,
         stable_diffusion_xl,
+        z_image,
     )

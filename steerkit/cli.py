@@ -200,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise-scale", type=_non_negative_float, default=None, metavar="A",
                      help="flow-sde's noise scale a in g(σ) = a·√(σ/(1−σ)) (Flow-GRPO's noise_level; 0 is the "
                           "deterministic ODE sampler; default 0.7)")
-    gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
     gen.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
+    gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt/class")
     gen.add_argument("--seed", type=int, default=0, help="base seed; row r uses seed + r")
     gen.add_argument("--max-batch", type=_positive_int, default=None, help="most rows per model call")
     gen.add_argument("--items-per-call", type=_positive_int, default=None,
@@ -470,6 +470,13 @@ def pipe_default_scale(pipe) -> float:
     return _stock_parameters(pipe)["guidance_scale"].default
 
 
+def stock_cfg(pipe, scale: float):
+    """The stock call's ``guidance_scale`` as the base of a steerkit guidance: the number itself
+    (diffusers' convention), or the family's own CFG where its convention differs (Z-Image: 1 + s)."""
+    convert = getattr(getattr(type(pipe), "adapter_class", None), "stock_cfg", None)
+    return scale if convert is None else convert(scale)
+
+
 def resolve_reward(spec: str, flag: str):
     """The registry reward ``spec`` names, loaded now: an unknown name or missing weights fail
     before any work, with the flag that asked for it."""
@@ -527,7 +534,7 @@ def _hooks_for(args, is_class_conditional: bool, group=None) -> tuple[list[Any],
     return [BestOfN(reward=scorer, select=args.select, seed=args.seed)], reward
 
 
-def _feedback_guidance(args, guidance, default_scale: float, is_class_conditional: bool):
+def _feedback_guidance(args, guidance, default_scale, is_class_conditional: bool):
     """Wrap the static guidance in dynamic CFG and/or GFCG, as the flags ask (dynamic CFG innermost)."""
     from steerkit.guidance import DynamicGuidance, GradientFreeClassifierGuidance
 
@@ -624,8 +631,8 @@ def generate_command(args) -> dict[str, Any]:
                                 output_type="np")  # NaN survives in floats; the PNGs are made below
     for side in ("height", "width"):
         if getattr(args, side) is not None:
-            if side not in _stock_parameters(pipe):
-                raise CliError(f"--{side}: {type(pipe).__name__} takes no image size")
+            if is_class_conditional or side not in _stock_parameters(pipe):
+                raise CliError(f"--{side}: {type(pipe).__name__} takes no image size (it samples at its own size)")
             call[side] = getattr(args, side)
     prompt_key = "class_labels" if is_class_conditional else "prompt"
     guidance = None
@@ -633,12 +640,12 @@ def generate_command(args) -> dict[str, Any]:
         call["guidance_scale"] = args.guidance
     elif args.guidance is not None:
         guidance = args.guidance
-    guidance = _feedback_guidance(args, guidance, call.get("guidance_scale", pipe_default_scale(pipe)),
+    guidance = _feedback_guidance(args, guidance, stock_cfg(pipe, call.get("guidance_scale", pipe_default_scale(pipe))),
                                   is_class_conditional)
     if args.adaptive_guidance is not None:
         from steerkit.guidance import AdaptiveGuidance
 
-        base = guidance if guidance is not None else call.get("guidance_scale", pipe_default_scale(pipe))
+        base = guidance if guidance is not None else stock_cfg(pipe, call.get("guidance_scale", pipe_default_scale(pipe)))
         guidance = AdaptiveGuidance(base, threshold=args.adaptive_guidance)
     if args.scheduler == "ddim-eta1":
         call["eta"] = 1.0

@@ -414,6 +414,152 @@ def tiny_qwenimage(scheduler=None):
         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
     )
 
+def _byte_level_vocab(specials: list[str], first: bool = False) -> dict[str, int]:
+    """Byte-level BPE vocabulary with no merges (every byte is a token) plus ``specials``,
+    placed before the bytes (``first``) or after them."""
+    chars = _bytes_to_unicode()
+    ordered = specials + chars if first else chars + specials
+    return {token: i for i, token in enumerate(ordered)}
+
+
+#: Qwen3's chat template, reduced to what ``ZImagePipeline`` uses: one user turn, the generation
+#: prompt, and the empty thinking block only when thinking is switched off.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_qwen3_tokenizer(max_length: int = 512):
+    """A byte-level Qwen2 tokenizer (259 ids) with Qwen3's special tokens and chat template."""
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer(vocab=_byte_level_vocab(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]), merges=[],
+                               model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_gemma_tokenizer():
+    """A character-level Gemma tokenizer (``<bos>`` added, ``▁`` for spaces; 105 ids)."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "▁": 4}
+    for c in string.printable:
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+
+
+def tiny_z_image(scheduler=None, turbo: bool = False):
+    """A tiny ``ZImagePipeline`` (Qwen3 text encoder, 16×16 latents at 32×32 pixels).
+
+    The scheduler is the one the real checkpoints ship: FlowMatchEuler without dynamic shifting,
+    shift 3 for ``turbo`` (Z-Image-Turbo's published scheduler config; it is run with
+    ``guidance_scale=0``) and shift 6 for Z-Image (from a secondary source, not checked against the
+    repository's config). The stock call passes ``mu`` too, which this config ignores.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # created with torch.empty: give them values, as diffusers' own tests do
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, norm_num_groups=2,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=300, max_position_embeddings=512,
+    ))
+    scheduler = scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0 if turbo else 6.0)
+    return ZImagePipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder.eval(),
+                          tokenizer=tiny_qwen3_tokenizer(), transformer=transformer.eval())
+
+
+def tiny_sana(scheduler=None):
+    """A tiny ``SanaPipeline`` (Gemma-2 text encoder, DC-AE with 32× compression).
+
+    ``sample_size=16`` selects SANA's 512-pixel aspect-ratio bins, so resolution binning (on by
+    default) gives 512×512 images from 16×16 latents. The scheduler is the one SANA checkpoints
+    ship: DPM-Solver++ on flow sigmas, shift 3.
+    """
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=16,
+    )
+    torch.manual_seed(0)
+    stages = 6
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types="ResBlock",
+        decoder_block_types="ResBlock", encoder_block_out_channels=(8,) * stages, decoder_block_out_channels=(8,) * stages,
+        encoder_qkv_multiscales=((),) * stages, decoder_qkv_multiscales=((),) * stages,
+        encoder_layers_per_block=(1,) * stages, decoder_layers_per_block=(1,) * stages, downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(
+        head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64, max_position_embeddings=8192,
+        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=128,
+        attn_implementation="eager",
+    ))
+    scheduler = scheduler or DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                                         prediction_type="flow_prediction")
+    return SanaPipeline(tokenizer=tiny_gemma_tokenizer(), text_encoder=text_encoder.eval(),
+                        transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
+
+
+def tiny_pixart_sigma(scheduler=None):
+    """A tiny ``PixArtSigmaPipeline`` (T5 text encoder, learned σ, VAE with 8× compression).
+
+    ``sample_size=32`` selects PixArt's 256-pixel aspect-ratio bins, so resolution binning (on by
+    default) gives 256×256 images from 32×32 latents. The scheduler is the one PixArt-Σ checkpoints
+    ship: DPM-Solver++ (ε prediction).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 4, 4, 4], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=2,
+    )
+    return PixArtSigmaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=_t5_encoder(), vae=vae.eval(),
+                               transformer=transformer.eval(), scheduler=scheduler or DPMSolverMultistepScheduler())
+
 
 def load_random_ip_adapter(pipe, image_embed_dim: int = 32, seed: int = 0):
     """Load a randomly initialised IP-Adapter (an ``ImageProjection`` of 4 image tokens plus the

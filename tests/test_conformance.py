@@ -36,6 +36,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2DiscreteScheduler,
     PNDMScheduler,
+    SanaPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.utils import logging as diffusers_logging
@@ -114,6 +115,8 @@ class Family:
         extra_calls: family-specific calls (their own checks: SLG, true CFG, nested labels...).
         stock_fails: cases (``"caches-first-block"``) where the stock call itself raises, with the
             reason: the steered call must raise the same error, and the case fails once stock works.
+        float32_latents: the stock loop keeps latents in float32 whatever the pipeline's dtype
+            (Z-Image, SANA), so ``output_type="latent"`` is float32 under bfloat16 too.
     """
 
     name: str
@@ -128,6 +131,7 @@ class Family:
     custom_schedules: dict[str, tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
     extra_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     stock_fails: dict[str, str] = field(default_factory=dict)
+    float32_latents: bool = False
 
 
 def _sd_embeds(pipe):
@@ -153,6 +157,22 @@ def _sd3_embeds(pipe):
 def _flux_embeds(pipe):
     pe, pooled, _ = pipe.encode_prompt("a red cube", None, device=pipe.device, max_sequence_length=16)
     return dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+
+
+def _z_image_embeds(pipe):
+    positive, negative = pipe.encode_prompt("a red cube", pipe.device, do_classifier_free_guidance=True,
+                                            negative_prompt="blurry", max_sequence_length=16)
+    return dict(prompt_embeds=positive, negative_prompt_embeds=negative)
+
+
+def _masked_embeds(**options):
+    """SANA's and PixArt-Σ's ``encode_prompt``: embeddings and attention masks of both branches."""
+    def embeds(pipe):
+        pe, mask, ne, negative_mask = pipe.encode_prompt("a red cube", True, negative_prompt="blurry", device=pipe.device,
+                                                         max_sequence_length=16, **options)
+        return dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=ne,
+                    negative_prompt_attention_mask=negative_mask)
+    return embeds
 
 
 def _cutoff(name):
@@ -307,6 +327,72 @@ FAMILIES += [
            embeds=lambda pipe: {k: v for k, v in _qwenimage_embeds(pipe).items() if not k.startswith("negative")},
            lora_scale_argument="attention_kwargs", extra_calls={"scale-without-negative": dict(true_cfg_scale=4.0)}),
 ]
+
+
+# The schedulers the real checkpoints ship first (see the builders in steerkit.testing).
+def _z_image_flow(config):
+    return FlowMatchEulerDiscreteScheduler(shift=6.0)
+
+
+def _z_image_turbo_flow(config):
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _sana_dpm(config):
+    return DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+
+
+def _sana_flow_euler(config):
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _flow_sde(config):
+    # steerkit's marginal-preserving sampler, what `steerkit generate --method fk` picks on flow models.
+    from steerkit.flow_sde import FlowMatchSDEScheduler
+
+    return FlowMatchSDEScheduler(shift=3.0, noise_scale=0.7)
+
+
+NO_STEP_END = "the stock PixArt-Σ call has only the legacy callback(step, t, latents) (tests/test_z_image_sana_pixart.py)"
+SANA_BINNED = dict(use_resolution_binning=True, height=400, width=300)
+FAMILIES += [
+    Family("z-image", testing.tiny_z_image, dict(prompt="a red cube", guidance_scale=5.0, **FLOW_SIZE),
+           dict(prompt=["a red cube", "a blue ball"]),
+           {"flow-z-image": _z_image_flow, "flow-flux": _flux_flow, "flow-stochastic": _stochastic_flow, "flow-sde": _flow_sde},
+           {"caches": NO_CACHE}, embeds=_z_image_embeds, lora_scale_argument="joint_attention_kwargs",
+           custom_schedules=FLOW_CUSTOM, float32_latents=True,
+           extra_calls={"negative": dict(negative_prompt="blurry"),
+                        "cfg-truncation": dict(cfg_truncation=0.5, num_inference_steps=4),
+                        "cfg-normalization": dict(cfg_normalization=0.6, guidance_scale=6.0),
+                        "cfg-normalization-true": dict(cfg_normalization=True)}),
+    Family("z-image-turbo", lambda: testing.tiny_z_image(turbo=True),
+           dict(prompt="a red cube", guidance_scale=0.0, **FLOW_SIZE), dict(prompt=["a red cube", "a blue ball"]),
+           {"flow-z-image-turbo": _z_image_turbo_flow, "flow-stochastic": _stochastic_flow, "flow-sde": _flow_sde},
+           {"caches": NO_CACHE, "guidance_change": "CFG turned on mid-call without negative embeddings: stock fails with a "
+                                                   "bare AssertionError, steered with a ValueError saying why "
+                                                   "(tests/test_z_image_sana_pixart.py)"},
+           embeds=lambda pipe: {"prompt_embeds": _z_image_embeds(pipe)["prompt_embeds"]},
+           lora_scale_argument="joint_attention_kwargs", float32_latents=True),
+    Family("sana", testing.tiny_sana,
+           dict(prompt="a red cube", guidance_scale=4.5, height=64, width=64, use_resolution_binning=False,
+                max_sequence_length=16, complex_human_instruction=None),
+           dict(prompt=["a red cube", "a blue ball"]),
+           {"dpm++-flow": _sana_dpm, "flow-euler": _sana_flow_euler, "flow-stochastic": _stochastic_flow, "flow-sde": _flow_sde},
+           {"caches": NO_CACHE}, embeds=_masked_embeds(), lora_scale_argument="attention_kwargs",
+           custom_schedules={"flow-sigmas": ("flow-euler", dict(sigmas=[1.0, 0.55]))}, float32_latents=True,
+           extra_calls={"negative": dict(negative_prompt="blurry"), "resolution-binning": SANA_BINNED,
+                        "complex-human-instruction": dict(complex_human_instruction=inspect.signature(
+                            SanaPipeline.__call__).parameters["complex_human_instruction"].default)}),
+    Family("pixart-sigma", testing.tiny_pixart_sigma,
+           dict(prompt="a red cube", guidance_scale=4.5, height=64, width=64, use_resolution_binning=False,
+                max_sequence_length=16, clean_caption=False),
+           dict(prompt=["a red cube", "a blue ball"]),
+           {"dpm++": _of(DPMSolverMultistepScheduler), "ddim": _of(DDIMScheduler), "euler": _of(EulerDiscreteScheduler)},
+           {"callbacks": NO_STEP_END, "interrupt": NO_STEP_END, "caches": NO_CACHE, "lora": NO_PEFT},
+           embeds=_masked_embeds(clean_caption=False), custom_schedules={"euler-timesteps": ("euler", dict(timesteps=[999, 499, 1]))},
+           extra_calls={"negative": dict(negative_prompt="blurry"),
+                        "resolution-binning": dict(use_resolution_binning=True, height=200, width=136)}),
+]
 BY_NAME = {family.name: family for family in FAMILIES}
 
 # --- running and comparing ---------------------------------------------------------------------
@@ -340,7 +426,9 @@ def quiet(pipe):
 def arguments(family: Family, **overrides):
     kwargs = {**family.call, "num_inference_steps": STEPS, "output_type": "pt", **overrides}
     kwargs.setdefault("generator", torch.Generator().manual_seed(0))
-    return {k: v for k, v in kwargs.items() if v is not None or k in family.call}
+    # Lists are copied for each run: the stock Z-Image call writes the chat-templated prompts back
+    # into the list it is given, so a shared list would reach the second run templated.
+    return {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items() if v is not None or k in family.call}
 
 
 def outcome(run: Callable[[], Any]):
@@ -605,7 +693,8 @@ def check_dtype(family, dtype):
     assert {name: module.dtype for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)} == dtypes
     assert steered.dtype == pipe.dtype == dtype
     stock, _ = check_same(pipe, call_pipe(family, output_type="latent" if family.name != "dit" else "pt"))
-    assert stock[0] == "ok" and (family.name == "dit" or images_of(stock[1])[0].dtype == dtype)
+    latent_dtype = torch.float32 if family.float32_latents else dtype
+    assert stock[0] == "ok" and (family.name == "dit" or images_of(stock[1])[0].dtype == latent_dtype)
     check_same(pipe, call_pipe(family))
 
 
