@@ -325,21 +325,27 @@ def _steered_call_method(cls: type):
     return __call__
 
 
-def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guidance | None,
-                 hooks: Any, num_particles: int, max_batch: int | None) -> Any:
-    """One steered call: the stock call's arguments and state, the steerkit loop."""
-    started = time.perf_counter()
-    call, adapter = bind_call(pipe, args, kwargs)
+def check_steering_arguments(guidance: Any, hooks: Any, num_particles: Any) -> list[SteeringHook]:
+    """The steering arguments every steered call takes (adapter or generic path), checked; the hooks as a list."""
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be an integer ≥ 1, got {num_particles!r}")
-    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"max_batch must be None or an integer ≥ 1, got {max_batch!r}")
     hooks = [hooks] if isinstance(hooks, SteeringHook) else list(hooks)
     for hook in hooks:
         if not isinstance(hook, SteeringHook):
             raise TypeError(f"hooks must be SteeringHook instances, got {type(hook).__name__}")
     if guidance is not None and not isinstance(guidance, Guidance):
         raise TypeError(f"guidance must be a steerkit Guidance, got {type(guidance).__name__}")
+    return hooks
+
+
+def steered_call(pipe: Any, args: tuple, kwargs: dict[str, Any], guidance: Guidance | None,
+                 hooks: Any, num_particles: int, max_batch: int | None) -> Any:
+    """One steered call: the stock call's arguments and state, the steerkit loop."""
+    started = time.perf_counter()
+    call, adapter = bind_call(pipe, args, kwargs)
+    hooks = check_steering_arguments(guidance, hooks, num_particles)
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be None or an integer ≥ 1, got {max_batch!r}")
     session = StockSession(pipe, adapter, call)
     with session.running_scheduler():
         # Every diffusers pipeline with a guidance_scale property sets it first thing; so do we, so

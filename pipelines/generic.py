@@ -63,6 +63,8 @@ from steerkit.protocols import SteeringHook
 from steerkit.schedulers import noise_level
 from steerkit.stock_loop import DenoiserProbe, StockLoopSteering
 
+from .base import check_steering_arguments
+
 __all__ = ["GenericSteeredMixin", "LoopProfile", "loop_profile", "register_decoder", "steer_generic"]
 
 #: Components that run in a denoising loop but are not the denoiser whose calls are NFEs.
@@ -309,23 +311,11 @@ class GenericSteeredMixin:
                  hooks: SteeringHook | list[SteeringHook] | tuple[SteeringHook, ...] = (),
                  num_particles: int = 1, **kwargs):
         stock_call = _stock_class(type(self)).__call__
-        hooks = _check_steering(guidance, hooks, num_particles)
+        hooks = check_steering_arguments(guidance, hooks, num_particles)
         if guidance is None and not hooks and num_particles == 1:
             return stock_call(self, *args, **kwargs)  # steering off: the stock call itself
         with torch.no_grad():
             return _GenericCall(self, stock_call, guidance, hooks, num_particles).run(args, kwargs)
-
-
-def _check_steering(guidance: Any, hooks: Any, num_particles: Any) -> list[SteeringHook]:
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an integer ≥ 1, got {num_particles!r}")
-    hooks = [hooks] if isinstance(hooks, SteeringHook) else list(hooks)
-    for hook in hooks:
-        if not isinstance(hook, SteeringHook):
-            raise TypeError(f"hooks must be SteeringHook instances, got {type(hook).__name__}")
-    if guidance is not None and not isinstance(guidance, Guidance):
-        raise TypeError(f"guidance must be a steerkit Guidance, got {type(guidance).__name__}")
-    return hooks
 
 
 def _stock_class(cls: type) -> type:
